@@ -1,0 +1,165 @@
+"""LoRA, rsLoRA and PiSSA (specs/adapters/lora.md).
+
+    y = x W0ᵀ + b + s · (dropout(x) Aᵀ) Bᵀ,   ΔW = s · B A,   s = α/r (LoRA) or α/√r (rsLoRA)
+
+PiSSA initialises A, B from the top-r SVD of W0 and freezes the residual W_res = W0 − s·B0 A0 as the
+base weight; the initial factors A0, B0 are kept (buffers, saved) so the adapter loads onto the
+original checkpoint and exports to PEFT as a rank-2r LoRA on W0 (lora.md §2.3).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.layers import CONV, EMBEDDING, LINEAR, Adapter, is_fan_in_fan_out, layer_kind, linear_dims
+from ..core.registry import MethodConfig, register
+from ..core.svd import svd_split
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+@dataclass
+class LoraConfig(MethodConfig):
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    init: str = "default"  # "default" | "gaussian" | "pissa" | "pissa_niter_<k>"
+
+    def __post_init__(self):
+        self.check(isinstance(self.r, int) and self.r > 0, "r", "must be a positive integer")
+        self.check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        self.check(self.init in ("default", "gaussian", "pissa") or self.init.startswith("pissa_niter_")
+                   and self.init[12:].isdigit(), "init", "must be default, gaussian, pissa or pissa_niter_<k>")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+@dataclass
+class RsLoraConfig(LoraConfig):
+    use_rslora: bool = True
+
+
+@dataclass
+class PissaConfig(LoraConfig):
+    init: str = "pissa"
+
+
+def as_matrix(layer, weight: torch.Tensor) -> torch.Tensor:
+    """A Linear-family weight in d_out x d_in layout (Conv1D stores d_in x d_out)."""
+    return weight.T if is_fan_in_fan_out(layer) else weight
+
+
+class LoraAdapter(Adapter):
+    supported_kinds = (LINEAR, CONV, EMBEDDING)
+
+    def __init__(self, layer, config: LoraConfig, init: bool = True):
+        super().__init__(layer, config)
+        self.kind = layer_kind(layer)
+        self.scale = config.scale
+        r = config.r
+        if self.kind == LINEAR:
+            d_in, d_out = linear_dims(layer)
+            a_shape, b_shape = (r, d_in), (d_out, r)
+        elif self.kind == CONV:
+            if layer.groups != 1 or layer.padding_mode != "zeros":
+                raise ValueError(f"LoRA on {layer.reparam_name}: grouped or non-zero-padded convolutions are not supported")
+            k = tuple(layer.kernel_size)
+            a_shape, b_shape = (r, layer.in_channels, *k), (layer.out_channels, r, *(1,) * len(k))
+        else:
+            a_shape, b_shape = (r, layer.num_embeddings), (layer.embedding_dim, r)
+        self.lora_A = nn.Parameter(torch.zeros(a_shape))
+        self.lora_B = nn.Parameter(torch.zeros(b_shape))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None  # Identity costs a call
+        self.pissa = config.init.startswith("pissa")
+        if self.pissa:
+            if self.kind != LINEAR:
+                raise ValueError(f"PiSSA init needs a Linear-family weight; {layer.reparam_name} is a {self.kind} layer")
+            if r > min(a_shape[1], b_shape[0]):
+                raise ValueError(f"PiSSA on {layer.reparam_name}: r={r} exceeds min(d_in, d_out)={min(a_shape[1], b_shape[0])}")
+            self.register_buffer("lora_A0", torch.zeros(a_shape))
+            self.register_buffer("lora_B0", torch.zeros(b_shape))
+        if init:
+            self.initialise(layer)
+
+    @torch.no_grad()
+    def initialise(self, layer):
+        init = self.config.init
+        if self.pissa:
+            niter = int(init[12:]) if init.startswith("pissa_niter_") else None
+            W = as_matrix(layer, layer.weight)
+            U_r, S_r, Vh_r, W_res = svd_split(W, self.config.r, "principal", niter=niter)
+            root = torch.sqrt(S_r / self.scale)
+            self.lora_A.copy_(root[:, None] * Vh_r)
+            self.lora_B.copy_(U_r * root[None, :])
+            self.lora_A0.copy_(self.lora_A)
+            self.lora_B0.copy_(self.lora_B)
+            layer.weight.copy_(as_matrix(layer, W_res).to(layer.weight.dtype))
+        elif self.kind == EMBEDDING:  # as loralib / PEFT: A = 0, B ~ N(0, 1)
+            nn.init.normal_(self.lora_B)
+        elif init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / self.config.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def lora_output(self, layer, x):
+        """s · B A x for this layer kind, in the adapter's dtype."""
+        A, B = self.lora_A, self.lora_B
+        if self.kind == EMBEDDING:
+            h = F.embedding(x, A.T, layer.padding_idx, layer.max_norm, layer.norm_type,
+                            layer.scale_grad_by_freq, layer.sparse)
+            return F.linear(h, B) * self.scale
+        h = x.to(A.dtype)
+        if self.dropout is not None:
+            h = self.dropout(h)
+        if self.kind == LINEAR:
+            # The scale goes on the r-wide intermediate: r multiplies per token instead of d_out.
+            return F.linear(F.linear(h, A) * self.scale, B)
+        conv = _CONV_FN[A.dim() - 2]
+        h = conv(h, A, None, layer.stride, layer.padding, layer.dilation)
+        return conv(h * self.scale, B)
+
+    def forward(self, layer, x, out):
+        return out + self.lora_output(layer, x).to(out.dtype)
+
+    def delta_matrix(self) -> torch.Tensor:
+        """s · B A in float32, d_out x d_in (LINEAR only)."""
+        return self.scale * (self.lora_B.float() @ self.lora_A.float())
+
+    def delta_weight(self, layer) -> torch.Tensor:
+        if self.kind == LINEAR:
+            return as_matrix(layer, self.delta_matrix())
+        if self.kind == EMBEDDING:
+            return self.delta_matrix().T
+        B = self.lora_B.float().flatten(1)
+        return self.scale * torch.einsum("or,r...->o...", B, self.lora_A.float())
+
+    def initial_delta(self, layer) -> torch.Tensor:
+        """s · B0 A0: what PiSSA moved out of W0 (zero for other inits)."""
+        return as_matrix(layer, self.scale * (self.lora_B0.float() @ self.lora_A0.float()))
+
+    def base_weight(self, layer):
+        if not self.pissa:
+            return layer.weight
+        return (layer.weight.float() + self.initial_delta(layer)).to(layer.weight.dtype)
+
+    @torch.no_grad()
+    def restore(self, layer):
+        if self.pissa:  # loaded onto the original W0: rebuild the residual from the saved initial factors
+            layer.weight.copy_((layer.weight.float() - self.initial_delta(layer)).to(layer.weight.dtype))
+
+    @torch.no_grad()
+    def detach_from(self, layer):
+        if self.pissa:
+            layer.weight.copy_(self.base_weight(layer))
+
+
+register("lora", LoraConfig, LoraAdapter, "LoRA: ΔW = (α/r)·B A, B = 0 at init")
+register("rslora", RsLoraConfig, LoraAdapter, "rank-stabilised LoRA: scale α/√r")
+register("pissa", PissaConfig, LoraAdapter, "LoRA initialised from the top-r SVD of W0, residual frozen")

@@ -1,0 +1,1 @@
+"""Shared machinery: targets, the adapted-layer mechanism, registry, SVD, errors."""

@@ -1,0 +1,152 @@
+"""The shared mechanism every method plugs into: an adapted layer and the adapter interface.
+
+Adapting a module keeps the module object and its parameters where they are and swaps its class to
+a subclass whose forward adds the active adapters' contributions. So `...query.weight` keeps its name
+(base checkpoints, FSDP wrap policies and tied weights need no remapping), `isinstance(m, nn.Linear)`
+still holds, and the adapters live beside the weight as `...query.adapters.<name>.<param>`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import ReparamError
+from .targets import conv1d_class
+
+LINEAR, CONV, EMBEDDING = "linear", "conv", "embedding"
+
+
+def layer_kind(layer: nn.Module) -> str | None:
+    base = getattr(layer, "reparam_base_class", type(layer))
+    c1d = conv1d_class()
+    if issubclass(base, nn.Linear) or (c1d is not None and issubclass(base, c1d)):
+        return LINEAR
+    if issubclass(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return CONV
+    if issubclass(base, nn.Embedding):
+        return EMBEDDING
+    return None
+
+
+def is_fan_in_fan_out(layer: nn.Module) -> bool:
+    c1d = conv1d_class()
+    return c1d is not None and isinstance(layer, c1d)
+
+
+def linear_dims(layer: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of a Linear or Conv1D."""
+    d0, d1 = layer.weight.shape
+    return (d0, d1) if is_fan_in_fan_out(layer) else (d1, d0)
+
+
+class Adapter(nn.Module):
+    """One named adapter on one layer. Methods subclass this; the defaults cover additive deltas.
+
+    forward(layer, x, out) returns the layer output with this adapter applied, given the input x and
+    the output `out` so far. delta_weight(layer) is the float32 update in the layer's weight layout.
+    """
+
+    is_reparam_adapter = True
+
+    def __init__(self, layer: nn.Module, config, init: bool = True):
+        super().__init__()
+        self.config = config
+
+    def forward(self, layer, x, out):
+        raise NotImplementedError
+
+    def delta_weight(self, layer) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merge_into(self, layer, weight: torch.Tensor) -> torch.Tensor:
+        """Return the merged weight (float32 in, float32 out)."""
+        return weight + self.delta_weight(layer)
+
+    def unmerge_from(self, layer, weight: torch.Tensor) -> torch.Tensor:
+        return weight - self.delta_weight(layer)
+
+    def regularizer(self, layer) -> torch.Tensor | None:
+        return None
+
+    def restore(self, layer) -> None:
+        """Called after loading saved tensors into an adapter built with init=False."""
+
+    def detach_from(self, layer) -> None:
+        """Called when the adapter is removed unmerged: undo any rewrite of the base weight."""
+
+    def base_weight(self, layer) -> torch.Tensor:
+        """The original pretrained weight W0 as seen by this adapter (methods that rewrite it override)."""
+        return layer.weight
+
+
+class AdaptedLayer:
+    """Mixin put in front of the original class. Holds `adapters` (ModuleDict) and the switch state."""
+
+    def forward(self, x, *args, **kwargs):
+        out = super().forward(x, *args, **kwargs)
+        if self.adapters_disabled:
+            return out
+        for name in self.active_adapters:
+            if name not in self.merged_adapters:
+                out = self.adapters[name](self, x, out)
+        return out
+
+    def extra_repr(self) -> str:
+        names = ", ".join(f"{n}:{a.config.method}" for n, a in self.adapters.items())
+        return f"{super().extra_repr()}, adapters=[{names}], active={self.active_adapters}"
+
+    @torch.no_grad()
+    def merge_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            return
+        adapter = self.adapters[name]
+        merged = adapter.merge_into(self, self.weight.detach().float())
+        if not torch.isfinite(merged).all():
+            raise ReparamError(f"refusing to merge adapter '{name}' into {self.reparam_name}: its delta has NaN/Inf")
+        # Computed in float32 and rounded once, so bf16/fp16 merges lose no more than one rounding.
+        self.weight.copy_(merged.to(self.weight.dtype))
+        self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge_adapter(self, name: str) -> None:
+        if name not in self.merged_adapters:
+            return
+        adapter = self.adapters[name]
+        self.weight.copy_(adapter.unmerge_from(self, self.weight.detach().float()).to(self.weight.dtype))
+        self.merged_adapters.remove(name)
+
+
+_ADAPTED_CLASSES: dict[type, type] = {}
+
+
+def adapted_class(base_cls: type) -> type:
+    """The AdaptedLayer subclass of base_cls, made once per class and registered in this module so that
+    pickling an adapted model finds it by name."""
+    if base_cls not in _ADAPTED_CLASSES:
+        name = f"Adapted{base_cls.__name__}"
+        cls = type(name, (AdaptedLayer, base_cls), {"__module__": __name__, "reparam_base_class": base_cls})
+        cls.__qualname__ = name
+        globals().setdefault(name, cls)
+        _ADAPTED_CLASSES[base_cls] = cls
+    return _ADAPTED_CLASSES[base_cls]
+
+
+def make_adapted(layer: nn.Module, name: str) -> nn.Module:
+    if not isinstance(layer, AdaptedLayer):
+        layer.__class__ = adapted_class(type(layer))
+        layer.adapters = nn.ModuleDict()
+        layer.active_adapters = []
+        layer.merged_adapters = []
+        layer.adapters_disabled = False
+        layer.reparam_name = name
+    return layer
+
+
+def restore_plain(layer: nn.Module) -> None:
+    layer.__class__ = layer.reparam_base_class
+    for attr in ("adapters", "active_adapters", "merged_adapters", "adapters_disabled", "reparam_name"):
+        delattr(layer, attr)
+
+
+for _cls in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding):
+    adapted_class(_cls)

@@ -1,0 +1,133 @@
+"""PEFT LoRA files both ways, without PEFT installed: `adapter_config.json` + `adapter_model.safetensors`.
+
+PEFT's keys are `base_model.model.<module>.lora_A.weight` / `.lora_B.weight` (Linear, Conv),
+`.lora_embedding_A` / `.lora_embedding_B` (Embedding), `.lora_magnitude_vector` (DoRA), and
+`base_model.model.<module>.<param>` for modules_to_save. Our tensors have the same shapes.
+A PiSSA adapter exports as the rank-2r LoRA on the original W0 of lora.md §2.3.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..core.errors import AdapterFileError
+from ..core.layers import EMBEDDING, is_fan_in_fan_out
+from ..core.model import adapt, delete_adapter, get_record
+from ..core.registry import get_method
+from .adapter_files import load_state
+from .files import read_json, read_safetensors, write_json, write_safetensors
+
+PREFIX = "base_model.model."
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+EXPORTABLE = ("lora", "rslora", "pissa", "dora")
+
+
+def _peft_names(adapter) -> dict[str, str]:
+    """Our state-dict key -> PEFT's key suffix."""
+    if adapter.kind == EMBEDDING:
+        return {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
+    names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+    if hasattr(adapter, "magnitude"):
+        names["magnitude"] = "lora_magnitude_vector"
+    return names
+
+
+def _task_type(model: nn.Module) -> str | None:
+    cls = type(model).__name__
+    for suffix, task in (("ForSequenceClassification", "SEQ_CLS"), ("ForCausalLM", "CAUSAL_LM"),
+                         ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS")):
+        if cls.endswith(suffix):
+            return task
+    return None
+
+
+def export_peft(model: nn.Module, directory, name: str = "default") -> Path:
+    """Write adapter `name` in PEFT's LoRA format; peft.PeftModel.from_pretrained gives the same logits."""
+    rec = get_record(model, name)
+    if rec.config.method not in EXPORTABLE:
+        raise AdapterFileError(f"method {rec.config.method!r} has no PEFT LoRA export (exportable: {', '.join(EXPORTABLE)})")
+    cfg = rec.config
+    modules = dict(model.named_modules())
+    tensors, pissa, fan_in_fan_out = {}, False, False
+    for m in rec.modules:
+        layer = modules[m]
+        adapter = layer.adapters[name]
+        fan_in_fan_out |= is_fan_in_fan_out(layer)
+        state = {k: v for k, v in adapter.state_dict().items() if k in ("lora_A", "lora_B", "magnitude")}
+        if adapter.pissa:  # W_res + s·BA = W0 + s·(BA − B0A0): a rank-2r LoRA on W0
+            pissa = True
+            state["lora_A"] = torch.cat([adapter.lora_A, -adapter.lora_A0], 0)
+            state["lora_B"] = torch.cat([adapter.lora_B, adapter.lora_B0], 1)
+        for k, peft_key in _peft_names(adapter).items():
+            tensors[f"{PREFIX}{m}.{peft_key}"] = state[k]
+    for m in rec.modules_to_save:
+        for k, v in modules[m].state_dict().items():
+            tensors[f"{PREFIX}{m}.{k}"] = v
+    r, alpha = cfg.r, cfg.alpha
+    if pissa:  # keep the scale s with twice the rank
+        r, alpha = 2 * cfg.r, cfg.alpha * (math.sqrt(2) if cfg.use_rslora else 2)
+    config = {
+        "peft_type": "LORA", "task_type": _task_type(model), "r": r, "lora_alpha": alpha,
+        "lora_dropout": cfg.dropout, "use_rslora": cfg.use_rslora, "use_dora": cfg.method == "dora",
+        "target_modules": rec.modules, "modules_to_save": rec.modules_to_save or None,
+        "fan_in_fan_out": fan_in_fan_out, "bias": "none", "init_lora_weights": True, "inference_mode": True,
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
+        "rank_pattern": {}, "alpha_pattern": {},
+    }
+    directory = Path(directory)
+    write_safetensors(directory / WEIGHTS_FILE, tensors, {"format": "pt"})
+    write_json(directory / CONFIG_FILE, config)
+    return directory
+
+
+def import_peft(model: nn.Module, directory, name: str = "default") -> nn.Module:
+    """Load a LoRA / rsLoRA / DoRA adapter written by PEFT onto `model`; it becomes active."""
+    directory = Path(directory)
+    cfg_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    peft_cfg = read_json(cfg_path)
+    if peft_cfg.get("peft_type") != "LORA":
+        raise AdapterFileError(f"{cfg_path}: peft_type {peft_cfg.get('peft_type')!r} is not supported (only LORA)")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if peft_cfg.get(key):
+            raise AdapterFileError(f"{cfg_path}: per-module {key} is not supported yet")
+    if peft_cfg.get("lora_bias") or peft_cfg.get("bias", "none") != "none":
+        raise AdapterFileError(f"{cfg_path}: LoRA biases (bias={peft_cfg.get('bias')!r}) are not supported")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in peft_cfg:
+            raise AdapterFileError(f"{cfg_path}: missing {key!r}")
+    tensors, _ = read_safetensors(weights_path)
+    method = "dora" if peft_cfg.get("use_dora") else "lora"
+    config = get_method(method).config_cls(r=int(peft_cfg["r"]), alpha=float(peft_cfg["lora_alpha"]),
+                                           dropout=float(peft_cfg.get("lora_dropout") or 0.0),
+                                           use_rslora=bool(peft_cfg.get("use_rslora", False)))
+    targets = peft_cfg["target_modules"]
+    targets = "re:" + targets if isinstance(targets, str) else targets  # PEFT: a string is a full-name regex
+    # PEFT keeps modules_to_save out of the adapted set and saves them whole.
+    to_save = peft_cfg.get("modules_to_save") or []
+    present = {k[len(PREFIX):].rsplit(".", 1)[0] for k in tensors if k.startswith(PREFIX)}
+    to_save = [m for m in to_save if any(p == m or p.endswith("." + m) for p in present)]
+    adapt(model, config, targets=targets, name=name, init=False, modules_to_save=to_save or None,
+          exclude=to_save or None)
+    try:
+        rec = get_record(model, name)
+        modules = dict(model.named_modules())
+        ours = {}
+        for m in rec.modules:
+            for k, peft_key in _peft_names(modules[m].adapters[name]).items():
+                if f"{PREFIX}{m}.{peft_key}" in tensors:
+                    ours[f"{m}.{k}"] = tensors.pop(f"{PREFIX}{m}.{peft_key}")
+        for m in rec.modules_to_save:
+            for k in modules[m].state_dict():
+                if f"{PREFIX}{m}.{k}" in tensors:
+                    ours[f"{m}.{k}"] = tensors.pop(f"{PREFIX}{m}.{k}")
+        if tensors:
+            raise AdapterFileError(f"{weights_path}: tensors matching nothing in the model: {', '.join(sorted(tensors)[:8])}")
+        load_state(model, name, ours, weights_path)
+    except BaseException:
+        delete_adapter(model, name)
+        raise
+    return model
