@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.layers import LINEAR
+from ..core.layers import LINEAR, wide
 from ..core.registry import register
 from .lora import LoraAdapter, LoraConfig, as_matrix
 
@@ -28,11 +28,11 @@ class DoraAdapter(LoraAdapter):
 
     def __init__(self, layer, config: DoraConfig, init: bool = True):
         super().__init__(layer, config, init)
-        self.magnitude = nn.Parameter(self.weight_norm(layer, as_matrix(layer, layer.weight).float()))
+        self.magnitude = nn.Parameter(self.weight_norm(layer, wide(as_matrix(layer, layer.weight))))
 
     def weight_norm(self, layer, W0: torch.Tensor) -> torch.Tensor:
         """‖W0 + s·B A‖ per output row, float32, detached."""
-        return torch.linalg.norm(W0.float() + self.delta_matrix().detach(), dim=1).detach()
+        return torch.linalg.norm(wide(W0) + self.delta_matrix().detach(), dim=1).detach()
 
     def forward(self, layer, x, out):
         W0 = as_matrix(layer, layer.weight)
@@ -48,17 +48,17 @@ class DoraAdapter(LoraAdapter):
     def merge_into(self, layer, weight):
         W0 = as_matrix(layer, weight)
         self.merged_norm = self.weight_norm(layer, W0)  # kept so unmerge can invert exactly
-        merged = (self.magnitude.float() / self.merged_norm)[:, None] * (W0 + self.delta_matrix())
+        merged = (wide(self.magnitude) / self.merged_norm)[:, None] * (W0 + self.delta_matrix())
         return as_matrix(layer, merged)
 
     def unmerge_from(self, layer, weight):
         W = as_matrix(layer, weight)
-        W0 = W * (self.merged_norm / self.magnitude.float())[:, None] - self.delta_matrix()
+        W0 = W * (self.merged_norm / wide(self.magnitude))[:, None] - self.delta_matrix()
         return as_matrix(layer, W0)
 
     def delta_weight(self, layer):
-        W0 = as_matrix(layer, layer.weight).float()
-        merged = (self.magnitude.float() / self.weight_norm(layer, W0))[:, None] * (W0 + self.delta_matrix())
+        W0 = wide(as_matrix(layer, layer.weight))
+        merged = (wide(self.magnitude) / self.weight_norm(layer, W0))[:, None] * (W0 + self.delta_matrix())
         return as_matrix(layer, merged - W0)
 
 

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.layers import CONV, EMBEDDING, LINEAR, Adapter, is_fan_in_fan_out, layer_kind, linear_dims
+from ..core.layers import (CONV, EMBEDDING, LINEAR, Adapter, adapter_dtype, is_fan_in_fan_out, layer_kind,
+                           linear_dims, wide)
 from ..core.registry import MethodConfig, register
 from ..core.svd import svd_split
 
@@ -74,8 +75,9 @@ class LoraAdapter(Adapter):
             a_shape, b_shape = (r, layer.in_channels, *k), (layer.out_channels, r, *(1,) * len(k))
         else:
             a_shape, b_shape = (r, layer.num_embeddings), (layer.embedding_dim, r)
-        self.lora_A = nn.Parameter(torch.zeros(a_shape))
-        self.lora_B = nn.Parameter(torch.zeros(b_shape))
+        factory = dict(dtype=adapter_dtype(layer), device=layer.weight.device)
+        self.lora_A = nn.Parameter(torch.zeros(a_shape, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(b_shape, **factory))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None  # Identity costs a call
         self.pissa = config.init.startswith("pissa")
         if self.pissa:
@@ -83,8 +85,8 @@ class LoraAdapter(Adapter):
                 raise ValueError(f"PiSSA init needs a Linear-family weight; {layer.reparam_name} is a {self.kind} layer")
             if r > min(a_shape[1], b_shape[0]):
                 raise ValueError(f"PiSSA on {layer.reparam_name}: r={r} exceeds min(d_in, d_out)={min(a_shape[1], b_shape[0])}")
-            self.register_buffer("lora_A0", torch.zeros(a_shape))
-            self.register_buffer("lora_B0", torch.zeros(b_shape))
+            self.register_buffer("lora_A0", torch.zeros(a_shape, **factory))
+            self.register_buffer("lora_B0", torch.zeros(b_shape, **factory))
         if init:
             self.initialise(layer)
 
@@ -94,7 +96,7 @@ class LoraAdapter(Adapter):
         if self.pissa:
             niter = int(init[12:]) if init.startswith("pissa_niter_") else None
             W = as_matrix(layer, layer.weight)
-            U_r, S_r, Vh_r, W_res = svd_split(W, self.config.r, "principal", niter=niter)
+            U_r, S_r, Vh_r, W_res = svd_split(W, self.config.r, "principal", self.lora_A.dtype, niter)
             root = torch.sqrt(S_r / self.scale)
             self.lora_A.copy_(root[:, None] * Vh_r)
             self.lora_B.copy_(U_r * root[None, :])
@@ -130,29 +132,29 @@ class LoraAdapter(Adapter):
 
     def delta_matrix(self) -> torch.Tensor:
         """s · B A in float32, d_out x d_in (LINEAR only)."""
-        return self.scale * (self.lora_B.float() @ self.lora_A.float())
+        return self.scale * (wide(self.lora_B) @ wide(self.lora_A))
 
     def delta_weight(self, layer) -> torch.Tensor:
         if self.kind == LINEAR:
             return as_matrix(layer, self.delta_matrix())
         if self.kind == EMBEDDING:
             return self.delta_matrix().T
-        B = self.lora_B.float().flatten(1)
-        return self.scale * torch.einsum("or,r...->o...", B, self.lora_A.float())
+        B = wide(self.lora_B).flatten(1)
+        return self.scale * torch.einsum("or,r...->o...", B, wide(self.lora_A))
 
     def initial_delta(self, layer) -> torch.Tensor:
         """s · B0 A0: what PiSSA moved out of W0 (zero for other inits)."""
-        return as_matrix(layer, self.scale * (self.lora_B0.float() @ self.lora_A0.float()))
+        return as_matrix(layer, self.scale * (wide(self.lora_B0) @ wide(self.lora_A0)))
 
     def base_weight(self, layer):
         if not self.pissa:
             return layer.weight
-        return (layer.weight.float() + self.initial_delta(layer)).to(layer.weight.dtype)
+        return (wide(layer.weight) + self.initial_delta(layer)).to(layer.weight.dtype)
 
     @torch.no_grad()
     def restore(self, layer):
         if self.pissa:  # loaded onto the original W0: rebuild the residual from the saved initial factors
-            layer.weight.copy_((layer.weight.float() - self.initial_delta(layer)).to(layer.weight.dtype))
+            layer.weight.copy_((wide(layer.weight) - self.initial_delta(layer)).to(layer.weight.dtype))
 
     @torch.no_grad()
     def detach_from(self, layer):

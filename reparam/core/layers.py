@@ -33,6 +33,16 @@ def is_fan_in_fan_out(layer: nn.Module) -> bool:
     return c1d is not None and isinstance(layer, c1d)
 
 
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """t in float32, or float64 if it already is: deltas and merges are computed at least in float32."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def adapter_dtype(layer: nn.Module) -> torch.dtype:
+    """Adapters train in float32 whatever the base dtype; a float64 base (exactness tests) keeps float64."""
+    return torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
+
+
 def linear_dims(layer: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of a Linear or Conv1D."""
     d0, d1 = layer.weight.shape
@@ -100,7 +110,7 @@ class AdaptedLayer:
         if name in self.merged_adapters:
             return
         adapter = self.adapters[name]
-        merged = adapter.merge_into(self, self.weight.detach().float())
+        merged = adapter.merge_into(self, wide(self.weight.detach()))
         if not torch.isfinite(merged).all():
             raise ReparamError(f"refusing to merge adapter '{name}' into {self.reparam_name}: its delta has NaN/Inf")
         # Computed in float32 and rounded once, so bf16/fp16 merges lose no more than one rounding.
@@ -112,7 +122,7 @@ class AdaptedLayer:
         if name not in self.merged_adapters:
             return
         adapter = self.adapters[name]
-        self.weight.copy_(adapter.unmerge_from(self, self.weight.detach().float()).to(self.weight.dtype))
+        self.weight.copy_(adapter.unmerge_from(self, wide(self.weight.detach())).to(self.weight.dtype))
         self.merged_adapters.remove(name)
 
 

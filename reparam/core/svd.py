@@ -10,22 +10,28 @@ import weakref
 
 import torch
 
-_CACHE: "weakref.WeakKeyDictionary[torch.Tensor, tuple]" = weakref.WeakKeyDictionary()
+# id(tensor) -> (weakref to it, key, result); a dead weakref or another key means a miss. The full U, Vh
+# are kept: call clear_cache() after adapting a large model to free them.
+_CACHE: dict[int, tuple] = {}
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
 
 
 def svd(matrix: torch.Tensor, compute_dtype=torch.float32, niter: int | None = None, rank: int | None = None):
     """Thin SVD (U, S, Vh) of a 2-D tensor, cached. niter selects torch.svd_lowrank with `rank` columns."""
     key = (matrix._version, compute_dtype, niter, rank if niter is not None else None)
-    hit = _CACHE.get(matrix)
-    if hit is not None and hit[0] == key:
-        return hit[1]
+    hit = _CACHE.get(id(matrix))
+    if hit is not None and hit[0]() is matrix and hit[1] == key:
+        return hit[2]
     w = matrix.detach().to(compute_dtype)
     if niter is None:
         result = torch.linalg.svd(w, full_matrices=False)
     else:
         U, S, V = torch.svd_lowrank(w, q=rank, niter=niter)
         result = (U, S, V.T)
-    _CACHE[matrix] = (key, result)
+    _CACHE[id(matrix)] = (weakref.ref(matrix), key, result)
     return result
 
 
