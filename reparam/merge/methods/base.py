@@ -1,0 +1,33 @@
+"""What every merge method declares: its parameter dataclasses, its per-tensor kernel, its needs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass
+class TensorContext:
+    """Per-tensor information a kernel may use besides the tensors themselves."""
+
+    key: str
+    seed: int | None = None
+    model_indices: list[int] = field(default_factory=list)  # position of each input model in the config
+    thresholds: list[float | None] | None = None  # global-scope trim thresholds, one per model
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    params_cls: type  # global parameters (dataclass)
+    model_params_cls: type  # per-model parameters (dataclass)
+    kernel: Callable[..., torch.Tensor]  # (base, tensors, per_model, params, ctx) -> float32 tensor
+    needs_base: bool = True
+    min_models: int = 1
+    max_models: int | None = None
+    randomized: bool = False
+    order_matters: bool = False
+    global_stats: Callable[[Any], bool] | None = None  # params -> True when a statistics pass is needed
+    check: Callable[[Any, list, str], None] | None = None  # (params, per_model, key) -> raise ValueError
+    description: str = ""
