@@ -82,7 +82,7 @@ def adapt(model: nn.Module, config: MethodConfig, targets="all-linear", name: st
             and layer.active_adapters else layer.weight)
         make_adapted(layer, m.name)
         adapter = spec.adapter_cls(layer, config, init=init)
-        layer.adapters[name] = adapter.to(layer.weight.device)
+        layer.adapters[name] = adapter.to(layer.weight.device).train(layer.training)  # eval model: no dropout
     records(model)[name] = AdapterRecord(name, config, [m.name for m in matches], save_names, fingerprint)
     set_active(model, name)
     return model

@@ -142,3 +142,12 @@ def test_deepcopy_and_pickle_of_adapted_model(base, tmp_path):
     torch.save(base, tmp_path / "m.pt")
     loaded = torch.load(tmp_path / "m.pt", weights_only=False)
     torch.testing.assert_close(loaded(x), base(x))
+
+
+def test_adapters_follow_the_model_training_mode(base):
+    base.eval()
+    reparam.adapt(base, reparam.LoraConfig(r=2, dropout=0.5), targets="all-linear")
+    assert not base.fc1.adapters.default.training
+    randomize_adapters(base)
+    x = torch.randn(3, 16)
+    assert torch.equal(base(x), base(x))
