@@ -8,12 +8,13 @@ from .core.model import (active_adapters, adapt, delete_adapter, disabled, expla
 from .core.registry import make_config, methods
 from .io.adapter_files import load_adapter, save_adapter
 from .io.peft_compat import export_peft, import_peft
+from .merge import merge_models
 
 __version__ = "0.1.0"
 
 __all__ = [
     "adapt", "explain", "set_active", "active_adapters", "disabled", "delete_adapter", "merge", "unmerge",
     "unload", "regularizer", "trainable_summary", "methods", "make_config", "save_adapter", "load_adapter",
-    "export_peft", "import_peft", "LoraConfig", "RsLoraConfig", "PissaConfig", "DoraConfig",
+    "export_peft", "import_peft", "merge_models", "LoraConfig", "RsLoraConfig", "PissaConfig", "DoraConfig",
     "ReparamError", "ConfigError", "TargetError", "AdapterFileError", "BaseModelMismatch",
 ]

@@ -11,6 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..core.errors import ReparamError
+from ..merge.cli import add_merge_parser
 from . import demo, finetune
 from .common import bundled_model_path, fmt_bytes, fmt_metrics, load_classifier, read_side_file
 
@@ -172,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", default="all-linear", help="target spec (default all-linear)")
     p.add_argument("--exclude", default=None, help="modules to leave out")
     p.set_defaults(func=cmd_targets)
+
+    add_merge_parser(sub)
 
     p = sub.add_parser("methods", help="list the registered methods and their config fields",
                        description="List the registered adaptation methods and their config fields.")

@@ -215,6 +215,24 @@ def test_cli_helpers(tmp_path, models_on_disk, capsys):
     assert (tmp_path / "o" / "model.safetensors").is_file() and "written" in capsys.readouterr().out
 
 
+def test_reparam_merge_command(tmp_path, models_on_disk, capsys):
+    from reparam.cli.main import main
+
+    base, models, bpath, paths = models_on_disk
+    yml = tmp_path / "m.yml"
+    yml.write_text(yaml.safe_dump(_config("ties", str(bpath), [str(p) for p in paths])))
+    assert main(["merge", str(yml), "-o", str(tmp_path / "o"), "--no-progress"]) == 0
+    assert (tmp_path / "o" / "model.safetensors").is_file()
+    cfg = _config("ties", str(bpath), [str(p) for p in paths])
+    cfg["parameters"] = {"densty": 0.5}
+    yml.write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    assert main(["merge", str(yml), "-o", str(tmp_path / "o2"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("reparam: error:") and "densty" in err[0]
+    assert not (tmp_path / "o2").exists()
+
+
 def test_failure_mid_merge_leaves_nothing(tmp_path, models_on_disk, monkeypatch):
     from reparam.merge import engine
 
