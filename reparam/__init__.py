@@ -8,7 +8,7 @@ from .core.model import (active_adapters, adapt, delete_adapter, disabled, expla
 from .core.registry import make_config, methods
 from .io.adapter_files import load_adapter, save_adapter
 from .io.peft_compat import export_peft, import_peft
-from .merge import merge_models
+from .merging import merge_models
 
 __version__ = "0.1.0"
 

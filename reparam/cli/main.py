@@ -11,7 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..core.errors import ReparamError
-from ..merge.cli import add_merge_parser
+from ..merging.cli import add_merge_parser
 from . import demo, finetune
 from .common import bundled_model_path, fmt_bytes, fmt_metrics, load_classifier, read_side_file
 

@@ -1,6 +1,6 @@
 """Model merging: mergekit-style configs, a streaming safetensors engine, and pure state-dict functions.
 
->>> from reparam.merge import merge_models
+>>> from reparam.merging import merge_models
 >>> merge_models("merge.yml", "out/")                      # doctest: +SKIP
 
 Methods (mergekit names): linear, task_arithmetic, ties, dare_linear, dare_ties, slerp, breadcrumbs,

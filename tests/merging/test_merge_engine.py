@@ -8,9 +8,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from merge_fixtures import save_model
-from reparam.merge import load_config, merge_models, merge_state_dicts
-from reparam.merge.errors import MergeConfigError, MergeValidationError
-from reparam.merge.io import SafetensorsSource, parse_size
+from reparam.merging import load_config, merge_models, merge_state_dicts
+from reparam.merging.errors import MergeConfigError, MergeValidationError
+from reparam.merging.io import SafetensorsSource, parse_size
 
 
 def load_folder(folder: Path) -> dict:
@@ -203,7 +203,7 @@ def test_parse_config_and_size():
 def test_cli_helpers(tmp_path, models_on_disk, capsys):
     import argparse
 
-    from reparam.merge.cli import add_merge_parser
+    from reparam.merging.cli import add_merge_parser
 
     base, models, bpath, paths = models_on_disk
     yml = tmp_path / "m.yml"
@@ -234,7 +234,7 @@ def test_reparam_merge_command(tmp_path, models_on_disk, capsys):
 
 
 def test_failure_mid_merge_leaves_nothing(tmp_path, models_on_disk, monkeypatch):
-    from reparam.merge import engine
+    from reparam.merging import engine
 
     base, models, bpath, paths = models_on_disk
     calls = []
@@ -267,7 +267,7 @@ def test_validation_reads_headers_only(tmp_path, models_on_disk, monkeypatch):
 
 
 def test_prefetch_order_and_errors():
-    from reparam.merge.engine import prefetch
+    from reparam.merging.engine import prefetch
 
     assert [x for x, _ in prefetch(range(10), lambda i: i * i)] == list(range(10))
     assert [y for _, y in prefetch(range(5), lambda i: i * i)] == [0, 1, 4, 9, 16]
@@ -288,7 +288,7 @@ def test_prefetch_order_and_errors():
 
 
 def test_layer_positions_and_gradients():
-    from reparam.merge.params import layer_positions, resolve_value
+    from reparam.merging.params import layer_positions, resolve_value
 
     keys = ["model.embed_tokens.weight", "model.layers.0.a", "model.layers.1.a", "model.layers.2.a",
             "model.norm.weight", "lm_head.weight"]

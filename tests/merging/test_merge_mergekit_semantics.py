@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from merge_fixtures import make_models
-from reparam.merge import merge_state_dicts
+from reparam.merging import merge_state_dicts
 
 
 def _ref_trim(delta, density, gamma=None):

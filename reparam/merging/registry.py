@@ -1,4 +1,4 @@
-"""Method registry: mergekit method names -> :class:`~reparam.merge.methods.base.MethodSpec`."""
+"""Method registry: mergekit method names -> :class:`~reparam.merging.methods.base.MethodSpec`."""
 from __future__ import annotations
 
 from .errors import MergeConfigError

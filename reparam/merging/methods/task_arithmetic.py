@@ -42,7 +42,7 @@ SPEC = MethodSpec("task_arithmetic", TaskArithmeticParams, WeightParams, merge_t
 def task_arithmetic(base: Mapping[str, torch.Tensor], models: Sequence[Mapping[str, torch.Tensor]], *,
                     weights: Sequence[float] | None = None, lambda_: float = 1.0, normalize: bool = False,
                     **options) -> dict[str, torch.Tensor]:
-    """Task arithmetic over in-memory state dicts (see :func:`reparam.merge.merge_state_dicts`)."""
+    """Task arithmetic over in-memory state dicts (see :func:`reparam.merging.merge_state_dicts`)."""
     from ..engine import merge_state_dicts
     return merge_state_dicts("task_arithmetic", base, models, {"lambda": lambda_, "normalize": normalize},
                              {"weight": weights}, **options)

@@ -8,7 +8,7 @@ Sign election as mergekit: gamma = +1 where sum_i w_i trim(tau_i) >= 0, else -1.
 Extensions (reparam names, not in mergekit):
 * ``scope``: ``tensor`` (default, mergekit/PEFT) trims inside each tensor; ``global`` trims with one
   magnitude threshold per model over all merged tensors (the TIES paper/reference code), computed by an
-  extra statistics pass (exact, histogram based, see :mod:`reparam.merge.threshold`). Global scope needs a
+  extra statistics pass (exact, histogram based, see :mod:`reparam.merging.threshold`). Global scope needs a
   scalar density per model.
 * ``topk_mode``: ``exact`` (default) keeps floor(density*d) entries (ties broken by lower index; mergekit
   uses an unstable argsort, so only tied magnitudes can differ); ``threshold`` keeps |tau| >= the

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from merge_fixtures import make_models
-from reparam.merge import (breadcrumbs_merge, dare_merge, della_merge, linear_merge, merge_state_dicts,
+from reparam.merging import (breadcrumbs_merge, dare_merge, della_merge, linear_merge, merge_state_dicts,
                            model_stock_merge, slerp, slerp_merge, task_arithmetic, ties_merge)
-from reparam.merge.errors import MergeConfigError
-from reparam.merge.sparsify import magnitude
+from reparam.merging.errors import MergeConfigError
+from reparam.merging.sparsify import magnitude
 
 INT = "model.position_ids"
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from reparam.merge.threshold import StreamingKth, keep_threshold, kth_smallest
+from reparam.merging.threshold import StreamingKth, keep_threshold, kth_smallest
 
 
 def _streaming(chunks, k):

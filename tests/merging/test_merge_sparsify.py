@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from reparam.merge.methods.dare import dare
-from reparam.merge.sparsify import (bernoulli, generator_for, largest_mask, magnitude, magnitude_outliers, magprune,
+from reparam.merging.methods.dare import dare
+from reparam.merging.sparsify import (bernoulli, generator_for, largest_mask, magnitude, magnitude_outliers, magprune,
                                     smallest_mask)
 
 
