@@ -18,24 +18,18 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ..params import check_choice, check_range
-from ..sparsify import RESCALE_MODES, generator_for, magprune
+from ..params import check_range
+from ..sparsify import generator_for, magprune
 from .base import MethodSpec, TensorContext
+from .dare import DareParams
 from .gta import gta_merge_tensor
 
 
 @dataclass
-class DellaParams:
-    normalize: bool = True
-    lambda_: float = 1.0
-    rescale: bool = True
-    int8_mask: bool = False
-    rescale_mode: str = "inverse_keep"
-    consensus_method: str = "sum"
+class DellaParams(DareParams):
+    """DARE's global parameters; mergekit normalises DELLA-TIES by default."""
 
-    def __post_init__(self):
-        check_choice("rescale_mode", self.rescale_mode, RESCALE_MODES)
-        check_choice("consensus_method", self.consensus_method, ("sum", "count"))
+    normalize: bool = True
 
 
 @dataclass
