@@ -128,7 +128,9 @@ class LoraAdapter(Adapter):
         return conv(h * self.scale, B)
 
     def forward(self, layer, x, out):
-        return out + self.lora_output(layer, x).to(out.dtype)
+        # In place: the base layer's output is not saved for its backward (linear, conv and embedding keep
+        # their inputs), so adding into it is safe and saves one d_out-wide temporary per adapted layer.
+        return out.add_(self.lora_output(layer, x).to(out.dtype))
 
     def delta_matrix(self) -> torch.Tensor:
         """s · B A in float32, d_out x d_in (LINEAR only)."""

@@ -242,3 +242,22 @@ def test_conv1d_layout_delta_is_transposed():
 
 def test_scale_math():
     assert math.isclose(reparam.LoraConfig(r=9, alpha=3, use_rslora=True).scale, 1.0)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_gradients_equal_dense_closed_form(method):
+    """The adapter's gradients (A, B, input) equal those of the dense layer W0 + ΔW."""
+    _, model = adapted(method, r=3, alpha=6, dtype=torch.float64)
+    randomize_adapters(model)
+    layer, ad = model.fc1, model.fc1.adapters.default
+    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    layer(x).sin().sum().backward()
+    got = (ad.lora_A.grad.clone(), ad.lora_B.grad.clone(), x.grad.clone())
+    A, B = ad.lora_A.detach().clone().requires_grad_(), ad.lora_B.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    W = layer.weight + ad.scale * B @ A
+    if method == "dora":
+        W = ad.magnitude.detach()[:, None] * W / W.norm(dim=1, keepdim=True).detach()
+    torch.nn.functional.linear(x2, W, layer.bias).sin().sum().backward()
+    for g, ref in zip(got, (A.grad, B.grad, x2.grad)):
+        torch.testing.assert_close(g, ref, atol=1e-10, rtol=0)
