@@ -17,24 +17,19 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ..params import check_choice, check_range
-from ..sparsify import RESCALE_MODES, magnitude_outliers
+from ..params import check_range
+from ..sparsify import magnitude_outliers
 from .base import MethodSpec, TensorContext
+from .dare import DareParams
 from .gta import gta_merge_tensor
 
 
 @dataclass
-class BreadcrumbsParams:
-    normalize: bool = False
-    lambda_: float = 1.0
-    rescale: bool = False
-    int8_mask: bool = False
-    rescale_mode: str = "l1"
-    consensus_method: str = "sum"
+class BreadcrumbsParams(DareParams):
+    """DARE's global parameters; Breadcrumbs does not rescale by default (mergekit)."""
 
-    def __post_init__(self):
-        check_choice("rescale_mode", self.rescale_mode, RESCALE_MODES)
-        check_choice("consensus_method", self.consensus_method, ("sum", "count"))
+    rescale: bool = False
+    rescale_mode: str = "l1"
 
 
 @dataclass
