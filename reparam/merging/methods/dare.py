@@ -21,9 +21,9 @@ from typing import Mapping, Sequence
 import torch
 
 from ..params import check_choice
-from ..sparsify import RESCALE_MODES, bernoulli, generator_for
-from .base import MethodSpec, TensorContext
-from .gta import gta_merge_tensor
+from ..sparsify import RESCALE_MODES, bernoulli
+from .base import MethodSpec
+from .gta import random_sparsified_kernel
 from .ties import DensityParams
 
 
@@ -48,15 +48,8 @@ def dare(delta: torch.Tensor, density: float, gen: torch.Generator, rescale: boo
 
 
 def _kernel(consensus: bool):
-    def merge_tensor(base: torch.Tensor, tensors: Sequence[torch.Tensor], per_model: Sequence[DensityParams],
-                     params: DareParams, ctx: TensorContext) -> torch.Tensor:
-        def drop(delta: torch.Tensor, i: int) -> torch.Tensor:
-            gen = generator_for(ctx.seed, ctx.model_indices[i], ctx.key)
-            return dare(delta, per_model[i].density, gen, params.rescale, params.rescale_mode)
-
-        return gta_merge_tensor(base, tensors, [m.weight for m in per_model], drop,
-                                params.consensus_method if consensus else None, params.normalize, params.lambda_)
-    return merge_tensor
+    return random_sparsified_kernel(
+        lambda delta, m, p, gen: dare(delta, m.density, gen, p.rescale, p.rescale_mode), consensus)
 
 
 SPEC_LINEAR = MethodSpec("dare_linear", DareParams, DensityParams, _kernel(False), randomized=True,

@@ -19,10 +19,10 @@ from typing import Mapping, Sequence
 import torch
 
 from ..params import check_range
-from ..sparsify import generator_for, magprune
-from .base import MethodSpec, TensorContext
+from ..sparsify import magprune
+from .base import MethodSpec
 from .dare import DareParams
-from .gta import gta_merge_tensor
+from .gta import random_sparsified_kernel
 
 
 @dataclass
@@ -52,17 +52,9 @@ class DellaModelParams:
 
 
 def _kernel(consensus: bool):
-    def merge_tensor(base: torch.Tensor, tensors: Sequence[torch.Tensor], per_model: Sequence[DellaModelParams],
-                     params: DellaParams, ctx: TensorContext) -> torch.Tensor:
-        mode = params.rescale_mode if params.rescale else "none"
-
-        def prune(delta: torch.Tensor, i: int) -> torch.Tensor:
-            gen = generator_for(ctx.seed, ctx.model_indices[i], ctx.key)
-            return magprune(delta, per_model[i].density, per_model[i].epsilon, gen, mode)
-
-        return gta_merge_tensor(base, tensors, [m.weight for m in per_model], prune,
-                                params.consensus_method if consensus else None, params.normalize, params.lambda_)
-    return merge_tensor
+    return random_sparsified_kernel(
+        lambda delta, m, p, gen: magprune(delta, m.density, m.epsilon, gen, p.rescale_mode if p.rescale else "none"),
+        consensus)
 
 
 SPEC = MethodSpec("della", DellaParams, DellaModelParams, _kernel(True), randomized=True,

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..sparsify import generator_for
 
 def consensus_mask(weighted: torch.Tensor, method: str) -> torch.Tensor:
     sign = weighted.sign()
@@ -54,3 +55,16 @@ def gta_merge_tensor(base: torch.Tensor, tensors: Sequence[torch.Tensor], weight
     if lambda_ != 1:
         mixed = mixed * lambda_
     return b + mixed
+
+
+def random_sparsified_kernel(sparsify: Callable, consensus: bool) -> Callable:
+    """A per-tensor kernel for DARE-style methods: each model's delta goes through
+    sparsify(delta, model_params, params, generator) with a generator seeded by (seed, model, tensor), then the
+    weighted sum (consensus=False) or TIES sign election (consensus=True)."""
+    def merge_tensor(base, tensors, per_model, params, ctx):
+        def one(delta, i):
+            return sparsify(delta, per_model[i], params, generator_for(ctx.seed, ctx.model_indices[i], ctx.key))
+
+        return gta_merge_tensor(base, tensors, [m.weight for m in per_model], one,
+                                params.consensus_method if consensus else None, params.normalize, params.lambda_)
+    return merge_tensor
