@@ -20,6 +20,7 @@ import torch
 
 from ..sparsify import generator_for
 
+
 def consensus_mask(weighted: torch.Tensor, method: str) -> torch.Tensor:
     sign = weighted.sign()
     total = weighted.sum(0) if method == "sum" else sign.sum(0)
