@@ -1,2 +1,2 @@
 """Adapting methods: one file per method; importing a file registers its method."""
-from . import dora, lora  # noqa: F401
+from . import adalora, dora, lora, soma, sorsa, svfit  # noqa: F401

@@ -79,7 +79,7 @@ class LoraAdapter(Adapter):
         self.lora_A = nn.Parameter(torch.zeros(a_shape, **factory))
         self.lora_B = nn.Parameter(torch.zeros(b_shape, **factory))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None  # Identity costs a call
-        self.pissa = config.init.startswith("pissa")
+        self.pissa = self.svd_init() is not None  # A, B from an SVD of W0, residual frozen (PiSSA, SoMA)
         if self.pissa:
             if self.kind != LINEAR:
                 raise ValueError(f"PiSSA init needs a Linear-family weight; {layer.reparam_name} is a {self.kind} layer")
@@ -94,21 +94,32 @@ class LoraAdapter(Adapter):
     def initialise(self, layer):
         init = self.config.init
         if self.pissa:
-            niter = int(init[12:]) if init.startswith("pissa_niter_") else None
-            W = as_matrix(layer, layer.weight)
-            U_r, S_r, Vh_r, W_res = svd_split(W, self.config.r, "principal", self.lora_A.dtype, niter)
-            root = torch.sqrt(S_r / self.scale)
-            self.lora_A.copy_(root[:, None] * Vh_r)
-            self.lora_B.copy_(U_r * root[None, :])
-            self.lora_A0.copy_(self.lora_A)
-            self.lora_B0.copy_(self.lora_B)
-            layer.weight.copy_(as_matrix(layer, W_res).to(layer.weight.dtype))
+            self.initialise_from_svd(layer, as_matrix(layer, layer.weight))
         elif self.kind == EMBEDDING:  # as loralib / PEFT: A = 0, B ~ N(0, 1)
             nn.init.normal_(self.lora_B)
         elif init == "gaussian":
             nn.init.normal_(self.lora_A, std=1.0 / self.config.r)
         else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def svd_init(self) -> tuple[str, int | None] | None:
+        """(part, niter) of svd_split when A, B start from the SVD of W0 (PiSSA: principal), else None."""
+        init = self.config.init
+        if not init.startswith("pissa"):
+            return None
+        return "principal", int(init[12:]) if init.startswith("pissa_niter_") else None
+
+    @torch.no_grad()
+    def initialise_from_svd(self, layer, W: torch.Tensor):
+        """A = diag(√(σ_r/s)) V_rᵀ, B = U_r diag(√(σ_r/s)); W (W0, d_out x d_in) minus s·B A becomes the weight."""
+        part, niter = self.svd_init()
+        U_r, S_r, Vh_r, W_res = svd_split(W, self.config.r, part, self.lora_A.dtype, niter)
+        root = torch.sqrt(S_r / self.scale)
+        self.lora_A.copy_(root[:, None] * Vh_r)
+        self.lora_B.copy_(U_r * root[None, :])
+        self.lora_A0.copy_(self.lora_A)
+        self.lora_B0.copy_(self.lora_B)
+        layer.weight.copy_(as_matrix(layer, W_res).to(layer.weight.dtype))
 
     def lora_output(self, layer, x):
         """s · B A x for this layer kind, in the adapter's dtype."""

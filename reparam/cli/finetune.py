@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..core.model import adapt, trainable_summary
 from ..core.registry import get_method, make_config
+from ..core.svd import set_progress
 from ..io.adapter_files import save_adapter
 from .common import (BUNDLED_DATA, SIDE_FILE, bundled_model_path, fmt_metrics, head_modules, load_classifier,
                      load_tokenizer, parse_sets, resolve_data)
@@ -36,8 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-data", default=None, help="evaluation file (default: the folder's dev split, or a "
                                                      "'dev' file beside a training file)")
     p.add_argument("--method", default="lora", help="adapter method (see `reparam methods`; default lora)")
-    p.add_argument("--r", type=positive_int, default=None, help="rank (default 8)")
-    p.add_argument("--alpha", type=float, default=None, help="scaling numerator alpha (default 2*r)")
+    p.add_argument("--r", type=positive_int, default=None, help="rank (default 8; svfit: all singular values)")
+    p.add_argument("--alpha", type=float, default=None, help="scaling numerator alpha (default 2*r; sorsa: none, scale 1)")
     p.add_argument("--dropout", type=float, default=None, help="adapter dropout (default: the method's)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="any other field of the method's config, e.g. --set init=pissa (repeatable)")
@@ -56,6 +57,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=positive_int, default=None, help="evaluate every N steps")
     p.add_argument("--warmup-ratio", type=float, default=0.06, help="linear warm-up fraction (default 0.06)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--delta-reg", choices=("none", "l2", "adamr", "adamr_l1"), default="none",
+                   help="keep the weights near their start for DARE/DAREx afterwards: l2 penalty or AdamR decay "
+                        "(default none)")
+    p.add_argument("--delta-reg-strength", type=float, default=0.0,
+                   help="strength of --delta-reg (AdamR's weight decay; default 0)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--log", default=None, help="write the training log (JSON lines) here")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's choice)")
@@ -68,9 +74,10 @@ def build_config(method: str, r, alpha, dropout, sets: list[str]):
     spec = get_method(method)
     names = spec.config_cls.field_names()
     fields = {}
-    if "r" in names or r is not None:
+    defaults = {f.name: f.default for f in dataclasses.fields(spec.config_cls)}
+    if r is not None or "r" in names and defaults["r"] is not None:  # default None (SVFit: all values) is kept
         fields["r"] = 8 if r is None else r
-    if "alpha" in names or alpha is not None:
+    if alpha is not None or "alpha" in names and defaults["alpha"] is not None:  # None (SORSA: s = 1) is kept
         fields["alpha"] = float(2 * fields.get("r", 8)) if alpha is None else alpha
     if dropout is not None:
         fields["dropout"] = dropout
@@ -97,11 +104,14 @@ def run(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.quiet:
+        set_progress(False)  # nor the SVD bar of large models
     start = time.perf_counter()
     model_path = args.model or bundled_model_path()
     config = build_config(args.method, args.r, args.alpha, args.dropout, args.sets)  # fail fast, before loading
     tcfg = TrainConfig(lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-                       warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
+                       warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, delta_reg=args.delta_reg,
+                       delta_reg_strength=args.delta_reg_strength,
                        eval_every=args.eval_every, seed=args.seed, log_path=args.log, progress=not args.quiet)
     tokenizer = load_tokenizer(model_path)
     train_data, dev = load_datasets(tokenizer, args.data, args.eval_data, args.max_length, args.limit,

@@ -13,7 +13,10 @@ from pathlib import Path
 from ..core.errors import ReparamError
 from ..merging.cli import add_merge_parser
 from . import demo, finetune
+from . import fisher as fisher_cmd
 from .common import bundled_model_path, fmt_bytes, fmt_metrics, load_classifier, read_side_file
+from .delta import add_delta_parser
+from .ranks import add_plot_ranks_parser, module_ranks
 
 PROG = "reparam"
 
@@ -77,7 +80,8 @@ def cmd_inspect(args) -> int:
     to_save = config.get("modules_to_save", [])
     print(f"adapter: {directory} (name {config.get('name', 'default')!r}, format {config['format']})")
     print(f"method: {config['method']}")
-    print("config: " + ", ".join(f"{k}={v!r}" for k, v in config["config"].items()))
+    ranks = module_ranks(config)  # methods with a rank allocator: the rank pattern is shown per module below
+    print("config: " + ", ".join(f"{k}={v!r}" for k, v in config["config"].items() if k != "rank_pattern" or ranks is None))
     print(f"base model class: {config.get('base_model_class', '?')}")
     print(f"adapted modules: {len(config['modules'])}; modules saved in full: {len(to_save)}"
           + (f" ({', '.join(to_save)})" if to_save else ""))
@@ -85,7 +89,11 @@ def cmd_inspect(args) -> int:
         width = max((len(m) for m in groups), default=10)
         for module in config["modules"] + to_save:
             shapes = ", ".join(f"{p} {'x'.join(map(str, s)) or 'scalar'}" for p, s in groups.get(module, []))
-            print(f"  {module:<{width}}  {shapes}")
+            rank = f"rank {ranks[module]:<3} " if ranks and module in ranks else ""
+            print(f"  {module:<{width}}  {rank}{shapes}")
+    if ranks:
+        print(f"ranks: total {sum(ranks.values())} over {len(ranks)} modules "
+              f"(min {min(ranks.values())}, max {max(ranks.values())})")
     n_params = sum(t.numel() for t in tensors.values())
     n_saved = sum(t.numel() for k, t in tensors.items() if k.rpartition(".")[0] in to_save)
     print(f"parameters: {n_params:,} ({n_params - n_saved:,} adapter + {n_saved:,} in saved modules)")
@@ -175,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_targets)
 
     add_merge_parser(sub)
+    add_delta_parser(sub)
+    add_plot_ranks_parser(sub)
+
+    p = sub.add_parser("fisher", help="diagonal Fisher of a fine-tuned classifier, the sidecar of Fisher merging",
+                       description="Compute the diagonal Fisher information of a fine-tuned classifier on its own "
+                                   "task data and save it as a safetensors sidecar (merge_method: fisher).")
+    fisher_cmd.add_arguments(p)
+    p.set_defaults(func=fisher_cmd.run)
 
     p = sub.add_parser("methods", help="list the registered methods and their config fields",
                        description="List the registered adaptation methods and their config fields.")

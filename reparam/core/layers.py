@@ -57,6 +57,15 @@ class Adapter(nn.Module):
     """
 
     is_reparam_adapter = True
+    # How reparam.regularizer combines this adapter's per-layer terms: "sum", or "mean" over the layers for a
+    # method whose loss is defined as a mean over the adapted matrices (SORSA).
+    regularizer_reduction = "sum"
+
+    @classmethod
+    def training_callbacks(cls) -> list:
+        """Callbacks (reparam.training.Callback) a training loop must run for this method, e.g. SORSA's
+        regulariser step between clipping and optimizer.step; reparam.training.train adds them itself."""
+        return []
 
     def __init__(self, layer: nn.Module, config, init: bool = True):
         super().__init__()
@@ -78,6 +87,10 @@ class Adapter(nn.Module):
     def regularizer(self, layer) -> torch.Tensor | None:
         return None
 
+    def delta_bias(self, layer) -> torch.Tensor | None:
+        """What this adapter adds to the layer's bias (float32), merged and unmerged with the weight; None: nothing."""
+        return None
+
     def restore(self, layer) -> None:
         """Called after loading saved tensors into an adapter built with init=False."""
 
@@ -87,6 +100,27 @@ class Adapter(nn.Module):
     def base_weight(self, layer) -> torch.Tensor:
         """The original pretrained weight W0 as seen by this adapter (methods that rewrite it override)."""
         return layer.weight
+
+
+class ResidualAdapter(Adapter):
+    """An adapter that moves part of W0 into itself and leaves the residual W0 − initial_part(layer) frozen as
+    the layer's weight (PiSSA-style SVD splits). initial_part must come from the adapter's saved tensors, so the
+    adapter loads onto the original checkpoint (restore) and gives W0 back when removed unmerged."""
+
+    def initial_part(self, layer) -> torch.Tensor:
+        """What was moved out of W0, float32, in the layer's weight layout."""
+        raise NotImplementedError
+
+    def base_weight(self, layer):
+        return (wide(layer.weight) + self.initial_part(layer)).to(layer.weight.dtype)
+
+    @torch.no_grad()
+    def restore(self, layer):  # loaded onto the original W0: rebuild the residual
+        layer.weight.copy_((wide(layer.weight) - self.initial_part(layer)).to(layer.weight.dtype))
+
+    @torch.no_grad()
+    def detach_from(self, layer):
+        layer.weight.copy_(self.base_weight(layer))
 
 
 class AdaptedLayer:
@@ -111,10 +145,13 @@ class AdaptedLayer:
             return
         adapter = self.adapters[name]
         merged = adapter.merge_into(self, wide(self.weight.detach()))
-        if not torch.isfinite(merged).all():
+        bias = adapter.delta_bias(self)
+        if not torch.isfinite(merged).all() or bias is not None and not torch.isfinite(bias).all():
             raise ReparamError(f"refusing to merge adapter '{name}' into {self.reparam_name}: its delta has NaN/Inf")
         # Computed in float32 and rounded once, so bf16/fp16 merges lose no more than one rounding.
         self.weight.copy_(merged.to(self.weight.dtype))
+        if bias is not None:
+            self.bias.copy_((wide(self.bias.detach()) + bias).to(self.bias.dtype))
         self.merged_adapters.append(name)
 
     @torch.no_grad()
@@ -123,6 +160,9 @@ class AdaptedLayer:
             return
         adapter = self.adapters[name]
         self.weight.copy_(adapter.unmerge_from(self, wide(self.weight.detach())).to(self.weight.dtype))
+        bias = adapter.delta_bias(self)
+        if bias is not None:
+            self.bias.copy_((wide(self.bias.detach()) - bias).to(self.bias.dtype))
         self.merged_adapters.remove(name)
 
 

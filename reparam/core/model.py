@@ -11,6 +11,7 @@ from torch import nn
 from .errors import ConfigError, ReparamError, TargetError
 from .layers import AdaptedLayer, layer_kind, make_adapted, restore_plain
 from .registry import MethodConfig, get_method
+from .svd import progress as svd_progress
 from .targets import describe, normalise_targets, resolve_targets
 
 
@@ -67,6 +68,8 @@ def adapt(model: nn.Module, config: MethodConfig, targets="all-linear", name: st
         raise ConfigError(f"adapter name {name!r} must be non-empty and contain no '.'")
     spec = get_method(config.method)
     matches = resolve_targets(model, targets, exclude)
+    selected = set(config.select_modules([m.name for m in matches]))
+    matches = [m for m in matches if m.name in selected]
     for m in matches:
         if layer_kind(m.module) not in spec.adapter_cls.supported_kinds:
             raise TargetError(
@@ -75,14 +78,15 @@ def adapt(model: nn.Module, config: MethodConfig, targets="all-linear", name: st
             )
     save_names = [mm.name for mm in resolve_targets(model, modules_to_save)] if modules_to_save else []
     fingerprint = {}
-    for m in matches:
-        layer = m.module
-        fingerprint[m.name] = weight_fingerprint(
-            layer.adapters[layer.active_adapters[0]].base_weight(layer) if isinstance(layer, AdaptedLayer)
-            and layer.active_adapters else layer.weight)
-        make_adapted(layer, m.name)
-        adapter = spec.adapter_cls(layer, config, init=init)
-        layer.adapters[name] = adapter.to(layer.weight.device).train(layer.training)  # eval model: no dropout
+    with svd_progress([m.module.weight for m in matches], f"{config.method}: SVD"):  # bar for large models
+        for m in matches:
+            layer = m.module
+            fingerprint[m.name] = weight_fingerprint(
+                layer.adapters[layer.active_adapters[0]].base_weight(layer) if isinstance(layer, AdaptedLayer)
+                and layer.active_adapters else layer.weight)
+            make_adapted(layer, m.name)
+            adapter = spec.adapter_cls(layer, config, init=init)
+            layer.adapters[name] = adapter.to(layer.weight.device).train(layer.training)  # eval model: no dropout
     records(model)[name] = AdapterRecord(name, config, [m.name for m in matches], save_names, fingerprint)
     set_active(model, name)
     return model
@@ -169,14 +173,23 @@ def unload(model: nn.Module, merge_active: bool = True) -> nn.Module:
     return model
 
 
-def regularizer(model: nn.Module) -> torch.Tensor:
-    """Sum of the extra loss terms of the active adapters (0 when no method has one)."""
-    total = None
+def regularizer(model: nn.Module, names=None) -> torch.Tensor:
+    """Sum of the extra loss terms of the active adapters, or of those of them in `names` (0 when no method has
+    one). An adapter's per-layer terms are summed, or averaged where its class has regularizer_reduction "mean"."""
+    names = None if names is None else ([names] if isinstance(names, str) else list(names))
+    terms: dict[str, list] = {}
     for _, layer in adapted_layers(model):
         for n in layer.active_adapters:
-            term = layer.adapters[n].regularizer(layer)
-            if term is not None:
-                total = term if total is None else total + term
+            if names is None or n in names:
+                term = layer.adapters[n].regularizer(layer)
+                if term is not None:
+                    terms.setdefault(n, []).append((term, layer.adapters[n].regularizer_reduction))
+    total = None
+    for per_layer in terms.values():
+        subtotal = sum((t for t, _ in per_layer[1:]), per_layer[0][0])
+        if per_layer[0][1] == "mean":
+            subtotal = subtotal / len(per_layer)
+        total = subtotal if total is None else total + subtotal
     return total if total is not None else torch.zeros(())
 
 

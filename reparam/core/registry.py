@@ -42,6 +42,10 @@ class MethodConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def select_modules(self, names: list[str]) -> list[str]:
+        """The targeted module names this method adapts; a method may narrow them (SoMA adapts late blocks only)."""
+        return names
+
     def check(self, condition: bool, field: str, message: str) -> None:
         if not condition:
             raise ConfigError(f"{self.method}: invalid {field}={getattr(self, field)!r}: {message}")

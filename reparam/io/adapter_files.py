@@ -64,6 +64,11 @@ def read_adapter(directory) -> tuple[dict[str, torch.Tensor], dict]:
         hint = " (it holds a PEFT adapter: use reparam.import_peft)" if (directory / "adapter_config.json").exists() else ""
         raise AdapterFileError(f"{directory}: no {TENSORS_FILE} in this directory{hint}")
     tensors, metadata = read_safetensors(path)
+    return tensors, parse_adapter_config(path, metadata)
+
+
+def parse_adapter_config(path: Path, metadata: dict[str, str]) -> dict:
+    """The adapter config stored in the metadata of the tensors file `path`, checked."""
     if "reparam" not in metadata:
         raise AdapterFileError(f"{path}: safetensors file has no reparam config in its metadata (not a reparam adapter)")
     try:
@@ -75,7 +80,7 @@ def read_adapter(directory) -> tuple[dict[str, torch.Tensor], dict]:
     for key in ("method", "config", "modules"):
         if key not in config:
             raise AdapterFileError(f"{path}: config has no {key!r} entry")
-    return tensors, config
+    return config
 
 
 def verify_base(model: nn.Module, config: dict, source, strict: bool) -> None:

@@ -3,7 +3,9 @@
 PEFT's keys are `base_model.model.<module>.lora_A.weight` / `.lora_B.weight` (Linear, Conv),
 `.lora_embedding_A` / `.lora_embedding_B` (Embedding), `.lora_magnitude_vector` (DoRA), and
 `base_model.model.<module>.<param>` for modules_to_save. Our tensors have the same shapes.
-A PiSSA adapter exports as the rank-2r LoRA on the original W0 of lora.md §2.3.
+A PiSSA adapter exports as the rank-2r LoRA on the original W0 of lora.md §2.3. Any other method whose
+adapter has `peft_lora_factors(layer) -> (A, B)` (its update on the original W0 as B A at scale 1, e.g. SVFit)
+exports as a LoRA with alpha = r, per-module ranks in rank_pattern / alpha_pattern.
 """
 from __future__ import annotations
 
@@ -23,12 +25,12 @@ from .files import read_json, read_safetensors, write_json, write_safetensors
 
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-EXPORTABLE = ("lora", "rslora", "pissa", "dora")
+EXPORTABLE = ("lora", "rslora", "pissa", "dora", "soma")
 
 
 def _peft_names(adapter) -> dict[str, str]:
     """Our state-dict key -> PEFT's key suffix."""
-    if adapter.kind == EMBEDDING:
+    if getattr(adapter, "kind", None) == EMBEDDING:
         return {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
     names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
     if hasattr(adapter, "magnitude"):
@@ -36,11 +38,11 @@ def _peft_names(adapter) -> dict[str, str]:
     return names
 
 
-def _task_type(model: nn.Module) -> str | None:
-    cls = type(model).__name__
+def task_type_of(cls: str | None) -> str | None:
+    """PEFT's task_type for a model class name (BertForSequenceClassification -> SEQ_CLS), or None."""
     for suffix, task in (("ForSequenceClassification", "SEQ_CLS"), ("ForCausalLM", "CAUSAL_LM"),
                          ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS")):
-        if cls.endswith(suffix):
+        if cls and cls.endswith(suffix):
             return task
     return None
 
@@ -48,36 +50,57 @@ def _task_type(model: nn.Module) -> str | None:
 def export_peft(model: nn.Module, directory, name: str = "default") -> Path:
     """Write adapter `name` in PEFT's LoRA format; peft.PeftModel.from_pretrained gives the same logits."""
     rec = get_record(model, name)
-    if rec.config.method not in EXPORTABLE:
+    factored = hasattr(get_method(rec.config.method).adapter_cls, "peft_lora_factors")
+    if rec.config.method not in EXPORTABLE and not factored:
         raise AdapterFileError(f"method {rec.config.method!r} has no PEFT LoRA export (exportable: {', '.join(EXPORTABLE)})")
     cfg = rec.config
     modules = dict(model.named_modules())
-    tensors, pissa, fan_in_fan_out = {}, False, False
+    tensors, pissa, fan_in_fan_out, ranks = {}, False, False, {}
+    pissa_ranks, biases = {}, {}
     for m in rec.modules:
         layer = modules[m]
         adapter = layer.adapters[name]
         fan_in_fan_out |= is_fan_in_fan_out(layer)
         state = {k: v for k, v in adapter.state_dict().items() if k in ("lora_A", "lora_B", "magnitude")}
-        if adapter.pissa:  # W_res + s·BA = W0 + s·(BA − B0A0): a rank-2r LoRA on W0
+        if factored:  # ΔW on W0 = B A at scale 1; the rank may differ per module
+            A, B = adapter.peft_lora_factors(layer)
+            state, ranks[m] = {"lora_A": A, "lora_B": B}, A.shape[0]
+        elif adapter.pissa:  # W_res + s·BA = W0 + s·(BA − B0A0): a rank-2r LoRA on W0
             pissa = True
             state["lora_A"] = torch.cat([adapter.lora_A, -adapter.lora_A0], 0)
             state["lora_B"] = torch.cat([adapter.lora_B, adapter.lora_B0], 1)
+            pissa_ranks[m] = state["lora_A"].shape[0]
+        bias = adapter.delta_bias(layer)
+        if bias is not None:  # PEFT's lora_bias: lora_B's bias, which PEFT scales by s like B A
+            biases[m] = bias.detach() / (1.0 if factored else adapter.scale)
         for k, peft_key in _peft_names(adapter).items():
             tensors[f"{PREFIX}{m}.{peft_key}"] = state[k]
+    if biases:  # lora_bias is one switch for all modules: those without a bias offset get zeros
+        for m in rec.modules:
+            out_features = tensors[f"{PREFIX}{m}.lora_B.weight"].shape[0]
+            tensors[f"{PREFIX}{m}.lora_B.bias"] = biases.get(m, torch.zeros(out_features))
     for m in rec.modules_to_save:
         for k, v in modules[m].state_dict().items():
             tensors[f"{PREFIX}{m}.{k}"] = v
-    r, alpha = cfg.r, cfg.alpha
-    if pissa:  # keep the scale s with twice the rank
-        r, alpha = 2 * cfg.r, cfg.alpha * (math.sqrt(2) if cfg.use_rslora else 2)
+    r, alpha, rank_pattern = getattr(cfg, "r", None), getattr(cfg, "alpha", None), {}
+    if pissa:  # keep the scale s with twice the rank; modules of another rank (SoMA's rank_ramp) keep s = α/r too
+        r, alpha = 2 * cfg.r, cfg.alpha * (math.sqrt(2) if getattr(cfg, "use_rslora", False) else 2)
+        rank_pattern = {re.escape(m): k for m, k in pissa_ranks.items() if k != r}
+    alpha_pattern = {}
+    if ranks:  # scale 1 = alpha / r: the most common rank is r, the others go in the patterns (exact names)
+        r = alpha = max(sorted(set(ranks.values())), key=list(ranks.values()).count)
+        rank_pattern = alpha_pattern = {re.escape(m): k for m, k in ranks.items() if k != r}
     config = {
-        "peft_type": "LORA", "task_type": _task_type(model), "r": r, "lora_alpha": alpha,
-        "lora_dropout": cfg.dropout, "use_rslora": cfg.use_rslora, "use_dora": cfg.method == "dora",
+        "peft_type": "LORA", "task_type": task_type_of(type(model).__name__), "r": r, "lora_alpha": alpha,
+        "lora_dropout": getattr(cfg, "dropout", 0.0), "use_rslora": getattr(cfg, "use_rslora", False),
+        "use_dora": cfg.method == "dora",
         "target_modules": rec.modules, "modules_to_save": rec.modules_to_save or None,
         "fan_in_fan_out": fan_in_fan_out, "bias": "none", "init_lora_weights": True, "inference_mode": True,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
-        "rank_pattern": {}, "alpha_pattern": {},
+        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
     }
+    if biases:  # only then: PEFT < 0.14 has no lora_bias field
+        config["lora_bias"] = True
     directory = Path(directory)
     write_safetensors(directory / WEIGHTS_FILE, tensors, {"format": "pt"})
     write_json(directory / CONFIG_FILE, config)

@@ -16,7 +16,11 @@ out_dtype: bfloat16           # output dtype (default: dtype, else each base ten
 seed: 0                       # randomised methods (DARE, DELLA)
 exclude: ['.*classifier.*']   # regexes (re.search) of tensors copied from the base instead of merged
 on_mismatch: error            # or "skip": tensors missing/mismatched in some model are copied from the base
+on_vocab_mismatch: error      # or "truncate": embeddings/LM heads of different vocab sizes merge common rows
 max_shard_size: 5GB
+adapter_check_base: true      # models may be LoRA adapter folders on base_model (adapter_source.py)
+output: model                 # or adapter: merge LoRA adapters into one PEFT adapter (adapter_merge.py)
+adapter_rank: exact           # output: adapter only; exact (linear, task_arithmetic) or N (truncated SVD)
 ```
 """
 from __future__ import annotations
@@ -35,7 +39,8 @@ from .params import param_names
 from .registry import get_method
 
 TOP_LEVEL = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "seed", "exclude",
-             "on_mismatch", "max_shard_size", "tokenizer_source", "name")
+             "on_mismatch", "on_vocab_mismatch", "max_shard_size", "tokenizer_source", "name", "output",
+             "adapter_rank", "adapter_check_base")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -58,7 +63,11 @@ class MergeConfig:
     seed: int = 0
     exclude: list[str] = field(default_factory=list)
     on_mismatch: str = "error"
+    on_vocab_mismatch: str = "error"  # or "truncate" (keys.py)
     max_shard_size: int = 5 * 10**9
+    output: str = "model"  # or "adapter": LoRA adapters merged into one PEFT adapter (adapter_merge.py)
+    adapter_rank: int | str | None = None  # "exact" (concatenated factors) or the rank of a truncated SVD
+    adapter_check_base: bool = True  # check a reparam adapter's base fingerprint when merging it
     raw: dict[str, Any] = field(default_factory=dict)
 
 
@@ -79,6 +88,19 @@ def _mapping(value, where: str) -> dict:
     if not isinstance(value, dict):
         raise MergeConfigError(f"{where} must be a mapping, got {type(value).__name__}")
     return dict(value)
+
+
+def _adapter_options(raw: dict) -> dict[str, Any]:
+    output, rank, check = raw.get("output", "model"), raw.get("adapter_rank"), raw.get("adapter_check_base", True)
+    if output not in ("model", "adapter"):
+        raise MergeConfigError(f"output must be 'model' or 'adapter', got {output!r}")
+    if rank is not None and output != "adapter":
+        raise MergeConfigError("adapter_rank is only used with output: adapter")
+    if rank is not None and rank != "exact" and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+        raise MergeConfigError(f"adapter_rank must be a positive integer or 'exact', got {rank!r}")
+    if not isinstance(check, bool):
+        raise MergeConfigError(f"adapter_check_base must be true or false, got {check!r}")
+    return {"output": output, "adapter_rank": rank, "adapter_check_base": check}
 
 
 def load_config(config: dict | str | Path | MergeConfig) -> MergeConfig:
@@ -156,6 +178,9 @@ def load_config(config: dict | str | Path | MergeConfig) -> MergeConfig:
     on_mismatch = raw.get("on_mismatch", "error")
     if on_mismatch not in ("error", "skip"):
         raise MergeConfigError(f"on_mismatch must be 'error' or 'skip', got {on_mismatch!r}")
+    on_vocab_mismatch = raw.get("on_vocab_mismatch", "error")
+    if on_vocab_mismatch not in ("error", "truncate"):
+        raise MergeConfigError(f"on_vocab_mismatch must be 'error' or 'truncate', got {on_vocab_mismatch!r}")
     base = raw.get("base_model")
     if base is not None and not isinstance(base, (str, Path)):
         raise MergeConfigError(f"base_model must be a path, got {base!r}")
@@ -163,4 +188,6 @@ def load_config(config: dict | str | Path | MergeConfig) -> MergeConfig:
         merge_method=spec.name, models=models, base_model=None if base is None else str(base),
         parameters=parameters, model_defaults=model_defaults, dtype=_dtype(raw.get("dtype"), "dtype"),
         out_dtype=_dtype(raw.get("out_dtype"), "out_dtype"), seed=seed, exclude=list(exclude),
-        on_mismatch=on_mismatch, max_shard_size=parse_size(raw.get("max_shard_size", 5 * 10**9)), raw=raw)
+        on_mismatch=on_mismatch, on_vocab_mismatch=on_vocab_mismatch,
+        max_shard_size=parse_size(raw.get("max_shard_size", 5 * 10**9)),
+        **_adapter_options(raw), raw=raw)

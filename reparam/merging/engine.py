@@ -27,14 +27,17 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from .adapter_source import open_input
 from .config import MergeConfig, load_config
 from .errors import MergeConfigError, MergeValidationError
 from .io import (INDEX_NAME, SINGLE_NAME, DictSource, SafetensorsSource, ShardWriter, Source, nbytes, parse_size,
                  plan_shards)
+from .keys import TiedOutputs, append_rows, skip_warning, tied_keys, vocab_rows, vocab_warning
 from .methods.base import MethodSpec, TensorContext
 from .params import build_params, layer_positions, resolve_all
 from .registry import get_method
-from .threshold import StreamingKth, keep_threshold, kth_smallest
+from .sidecars import open_sidecars, sidecar_problems
+from .threshold import StreamingOrderStats, keep_threshold, kth_smallest
 
 COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "tokenizer.model", "vocab.txt", "vocab.json", "merges.txt",
@@ -50,6 +53,13 @@ class KeyPlan:
     out_dtype: torch.dtype
     params: Any = None
     per_model: list = field(default_factory=list)
+    tail: list = field(default_factory=list)  # on_vocab_mismatch: rows appended after the merged ones (keys.py)
+    tied_to: str | None = None  # written as a copy of this key's output (tied weights, keys.py)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        """Shape written: `shape` is what the kernel merges (the common rows under vocab truncation)."""
+        return (self.tail[-1][2], *self.shape[1:]) if self.tail else self.shape
 
 
 @dataclass
@@ -60,6 +70,8 @@ class Plan:
     keys: list[KeyPlan]
     seed: int
     dtype: torch.dtype | None
+    sidecars: list[Source] = field(default_factory=list)  # one per input model (MethodSpec.sidecar)
+    tied: TiedOutputs | None = None
 
     @property
     def ref(self) -> Source:
@@ -76,10 +88,15 @@ def _float(dtype: torch.dtype) -> bool:
 
 def build_plan(spec: MethodSpec, base: Source | None, inputs: Sequence[Source], params: Mapping[str, Any],
                model_params: Sequence[Mapping[str, Any]], *, seed: int = 0, dtype: torch.dtype | None = None,
-               out_dtype: torch.dtype | None = None, exclude: Iterable[str] = (), on_mismatch: str = "error") -> Plan:
-    """Validate everything from headers (no tensor data read) and resolve parameters per tensor."""
+               out_dtype: torch.dtype | None = None, exclude: Iterable[str] = (), on_mismatch: str = "error",
+               on_vocab_mismatch: str = "error") -> Plan:
+    """Validate everything from headers and resolve parameters per tensor. Once validation has passed, the
+    embedding / LM-head tensors of equal shape (only those) are read to find tied ones (keys.py)."""
     if spec.needs_base and base is None:
         raise MergeConfigError(f"merge_method {spec.name!r} needs a base_model")
+    if base is not None and not spec.takes_base:
+        raise MergeConfigError(f"merge_method {spec.name!r} takes no base_model: tensors that are not merged "
+                               f"are copied from the first model (use `exclude` to keep heads out of the merge)")
     n = len(inputs)
     if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
         want = (f"exactly {spec.min_models}" if spec.max_models == spec.min_models
@@ -97,12 +114,21 @@ def build_plan(spec: MethodSpec, base: Source | None, inputs: Sequence[Source], 
             problems.append(f"{src.name}: {len(extra)} tensor(s) not in {ref.name}: {', '.join(extra[:5])}"
                             + (" ..." if len(extra) > 5 else ""))
     patterns = [re.compile(p) for p in exclude]
+    skipped: list[tuple[str, str]] = []
+    truncated: dict[str, tuple] = {}
+    sidecars = open_sidecars(spec, inputs, model_params)
     pos = layer_positions(ref_keys)
     plans: list[KeyPlan] = []
     for key in ref_keys:
         shape, rdt = ref.shape(key), ref.dtype(key)
         out_dt = (out_dtype or dtype or rdt) if _float(rdt) else rdt
         merge = _float(rdt) and not any(p.search(key) for p in patterns)
+        rows = None
+        if merge and on_vocab_mismatch == "truncate" and all(key in have for have in key_sets):
+            rows = vocab_rows(key, sources)
+            if rows is not None:
+                truncated[key] = rows
+                shape = (rows[0], *shape[1:])
         if merge:
             bad = []
             for src, have in zip(sources, key_sets):
@@ -110,17 +136,22 @@ def build_plan(spec: MethodSpec, base: Source | None, inputs: Sequence[Source], 
                     continue
                 if key not in have:
                     bad.append(f"{src.name}: tensor {key!r} is missing (present in {ref.where(key)})")
-                elif src.shape(key) != shape:
+                elif rows is None and src.shape(key) != shape:
                     bad.append(f"tensor {key!r}: {src.where(key)} has shape {list(src.shape(key))}, "
-                               f"but {ref.where(key)} has shape {list(shape)}")
+                               f"but {ref.where(key)} has shape {list(shape)}"
+                               + (" (vocabulary sizes differ: `on_vocab_mismatch: truncate` merges the common "
+                                  "rows)" if vocab_rows(key, [ref, src]) else ""))
                 elif not _float(src.dtype(key)):
                     bad.append(f"tensor {key!r}: {src.where(key)} has dtype {src.dtype(key)}, "
                                f"{ref.where(key)} has {rdt}")
+            bad += sidecar_problems(spec, sidecars, inputs, key, shape)
             if bad and on_mismatch == "skip":
-                merge = False
+                merge, rows, shape = False, None, ref.shape(key)
+                truncated.pop(key, None)
+                skipped.append((key, bad[0]))
             if on_mismatch == "error":
                 problems.extend(bad)
-        kp = KeyPlan(key, merge, shape, out_dt)
+        kp = KeyPlan(key, merge, shape, out_dt, tail=rows[1] if rows else [])
         if merge:
             x = pos[key]
             try:
@@ -138,8 +169,28 @@ def build_plan(spec: MethodSpec, base: Source | None, inputs: Sequence[Source], 
     if problems:
         more = " (first problems only)" if len(problems) > _MAX_LISTED else ""
         raise MergeValidationError(f"models do not fit together{more}:\n  " + "\n  ".join(problems[:_MAX_LISTED]))
-    plan = Plan(spec, base, list(inputs), plans, seed, dtype)
-    if plan.needs_stats():
+    tied = tied_keys(ref, sources)  # reads only embedding / LM-head tensors of equal shape
+    by_key = {kp.key: kp for kp in plans}
+    for i, kp in enumerate(plans):
+        if kp.key in tied:  # written as a copy of the merged tensor it is tied to (sorted first)
+            primary = by_key[tied[kp.key]]
+            if kp.merge != primary.merge:
+                raise MergeConfigError(f"tensors {primary.key!r} and {kp.key!r} are tied (identical in every "
+                                       f"model) but only one of them is merged: exclude both or neither")
+            plans[i] = dataclasses.replace(primary, key=kp.key, merge=False, tied_to=primary.key)
+            truncated.pop(kp.key, None)
+    if on_mismatch == "skip":
+        skip_warning(skipped, sorted(set().union(*key_sets) - ref_set), ref)
+    if truncated:
+        vocab_warning(truncated, ref)
+    merged = [kp for kp in plans if kp.merge]
+    if spec.check_keys is not None and merged:
+        try:
+            spec.check_keys([kp.key for kp in merged], merged[0].per_model)
+        except ValueError as e:
+            raise MergeConfigError(f"merge_method {spec.name!r}: {e}") from None
+    plan = Plan(spec, base, list(inputs), plans, seed, dtype, sidecars, TiedOutputs(tied) if tied else None)
+    if plan.needs_stats() and spec.stats is None:
         for i, src in enumerate(inputs):
             ds = {kp.per_model[i].density for kp in plans if kp.merge}
             if len(ds) > 1:
@@ -148,23 +199,44 @@ def build_plan(spec: MethodSpec, base: Source | None, inputs: Sequence[Source], 
     return plan
 
 
-def _load(src: Source, key: str, dtype: torch.dtype | None) -> torch.Tensor:
-    t = src.get(key)
+def _load(src: Source, key: str, dtype: torch.dtype | None, rows: int | None = None) -> torch.Tensor:
+    t = src.get(key) if rows is None else src.get(key)[:rows]
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
 def _load_key(plan: Plan, kp: KeyPlan):
     if not kp.merge:
         return None, [_load(plan.ref, kp.key, plan.dtype)]
-    base = _load(plan.base, kp.key, plan.dtype) if plan.base is not None else None
-    return base, [_load(s, kp.key, plan.dtype) for s in plan.inputs]
+    rows = kp.shape[0] if kp.tail else None  # vocab truncation: only the common rows are merged
+    base = _load(plan.base, kp.key, plan.dtype, rows) if plan.base is not None else None
+    return base, [_load(s, kp.key, plan.dtype, rows) for s in plan.inputs]
 
 
-def _merge_key(plan: Plan, kp: KeyPlan, base, tensors, thresholds) -> torch.Tensor:
+def _load_sidecars(plan: Plan, kp: KeyPlan) -> list[torch.Tensor] | None:
+    """Each model's sidecar tensor for a merged key (e.g. its Fisher), as stored: never cast to the merge dtype."""
+    return [s.get(kp.key) for s in plan.sidecars] if kp.merge and plan.sidecars else None
+
+
+def _load_merge_inputs(plan: Plan, kp: KeyPlan):
+    """(base, tensors, sidecar tensors or None): what _merge_key needs, e.g. for a reader thread."""
+    return (*_load_key(plan, kp), _load_sidecars(plan, kp))
+
+
+def _merge_key(plan: Plan, kp: KeyPlan, base, tensors, thresholds, sidecars=None) -> torch.Tensor:
+    if kp.tied_to is not None:
+        return plan.tied.take(kp.tied_to)
     if not kp.merge:
-        return tensors[0].to(kp.out_dtype)
-    ctx = TensorContext(kp.key, plan.seed, list(range(len(plan.inputs))), thresholds)
-    return plan.spec.kernel(base, tensors, kp.per_model, kp.params, ctx).to(kp.out_dtype)
+        out = tensors[0].to(kp.out_dtype)
+    else:
+        if sidecars is None:
+            sidecars = _load_sidecars(plan, kp)
+        ctx = TensorContext(kp.key, plan.seed, list(range(len(plan.inputs))), thresholds, sidecars)
+        out = plan.spec.kernel(base, tensors, kp.per_model, kp.params, ctx).to(kp.out_dtype)
+        if kp.tail:
+            out = append_rows(out, kp.key, kp.tail)
+    if plan.tied is not None:
+        plan.tied.keep(kp.key, out)
+    return out
 
 
 def _abs_deltas(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -172,29 +244,69 @@ def _abs_deltas(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> list[tor
     return [(t.float() - b).abs() for t in tensors]
 
 
-def _threshold_ranks(plan: Plan) -> list[int | None]:
-    merged = [kp for kp in plan.keys if kp.merge]
-    total = sum(math.prod(kp.shape) for kp in merged)
-    mode = merged[0].params.topk_mode
-    return [keep_threshold(total, merged[0].per_model[i].density, mode) for i in range(len(plan.inputs))]
+class StatsRun:
+    """What a global-statistics function (``MethodSpec.stats``, default :func:`trim_thresholds`) works with:
+    the merged tensors' plans, D (their total size), and :meth:`order_stats`, which resolves exact per-model
+    order statistics of values derived key by key: in memory with ``kthvalue`` on the concatenation,
+    streaming with radix selection over 2 (float32) or 4 (float64) sweeps. Both give the same floats."""
+
+    def __init__(self, plan: Plan, streaming: bool, progress: bool = False):
+        self.plan, self.streaming, self.progress = plan, streaming, progress
+        self.merged = [kp for kp in plan.keys if kp.merge]
+        self.total = sum(math.prod(kp.shape) for kp in self.merged)
+        self.n_models = len(plan.inputs)
+
+    def load_dtype(self, kp: KeyPlan) -> torch.dtype:
+        """dtype of the base tensor (else the first model's) as the kernel will receive it."""
+        return self.plan.dtype or self.plan.ref.dtype(kp.key)
+
+    def order_stats(self, values: Callable, ranks: Sequence[Sequence[int]], dtype: torch.dtype = torch.float32,
+                    desc: str = "statistics") -> list[list[float]]:
+        """``values(base, tensors, kp)`` -> one tensor (or None) per model for one key; ``ranks[i]``: the
+        1-indexed ascending ranks wanted for model i. Returns the values at those ranks, per model."""
+        active = [i for i, r in enumerate(ranks) if r]
+        if not active:
+            return [[] for _ in ranks]
+        if not self.streaming:
+            chunks: dict[int, list] = {i: [] for i in active}
+            for kp in self.merged:
+                got = values(*_load_key(self.plan, kp), kp)
+                for i in active:
+                    chunks[i].append(got[i].reshape(-1))
+            cat = {i: torch.cat(chunks.pop(i)) for i in active}
+            return [[kth_smallest(cat[i], k) for k in r] if r else [] for i, r in enumerate(ranks)]
+        sel = {i: StreamingOrderStats(ranks[i], dtype) for i in active}
+        passes = sel[active[0]].passes
+        for sweep in range(passes):
+            bar = tqdm(total=len(self.merged), desc=f"{desc} ({sweep + 1}/{passes})", unit="tensor",
+                       disable=not self.progress)
+            for kp, (base, ts) in prefetch(self.merged, lambda kp: _load_key(self.plan, kp)):
+                got = values(base, ts, kp)
+                for i in active:
+                    sel[i].feed(got[i])
+                bar.update(1)
+            bar.close()
+            for s in sel.values():
+                s.next_pass()
+        return [sel[i].values() if i in sel else [] for i in range(len(ranks))]
 
 
-def _finish_thresholds(ranks, values) -> list[float | None]:
-    return [None if k is None else (math.inf if k == 0 else values[i]) for i, k in enumerate(ranks)]
+def trim_thresholds(run: StatsRun) -> list[float | None]:
+    """TIES global scope: per model, the |delta| threshold of its density over all merged tensors."""
+    mode = run.merged[0].params.topk_mode
+    ranks = [keep_threshold(run.total, run.merged[0].per_model[i].density, mode) for i in range(run.n_models)]
+    vals = run.order_stats(lambda base, ts, kp: [_abs_deltas(base, [t])[0] if ranks[i] else None
+                                                 for i, t in enumerate(ts)],
+                           [[k] if k else [] for k in ranks], desc="statistics")
+    return [None if k is None else (math.inf if k == 0 else vals[i][0]) for i, k in enumerate(ranks)]
 
 
-def thresholds_in_memory(plan: Plan) -> list[float | None]:
-    ranks = _threshold_ranks(plan)
-    merged = [kp for kp in plan.keys if kp.merge]
-    values = {}
-    for i, k in enumerate(ranks):
-        if k:
-            chunks = []
-            for kp in merged:
-                base, ts = _load_key(plan, kp)
-                chunks.append(_abs_deltas(base, [ts[i]])[0].reshape(-1))
-            values[i] = kth_smallest(chunks, k)
-    return _finish_thresholds(ranks, values)
+def _global_stats(run: StatsRun) -> list:
+    return (run.plan.spec.stats or trim_thresholds)(run)
+
+
+def thresholds_in_memory(plan: Plan) -> list:
+    return _global_stats(StatsRun(plan, streaming=False))
 
 
 def prefetch(items: Sequence, load: Callable, depth: int = 2):
@@ -233,27 +345,9 @@ def prefetch(items: Sequence, load: Callable, depth: int = 2):
         th.join()
 
 
-def thresholds_streaming(plan: Plan, progress: bool = False) -> list[float | None]:
-    """Exact per-model global thresholds in two streaming passes (histogram, then the located bin)."""
-    ranks = _threshold_ranks(plan)
-    active = [i for i, k in enumerate(ranks) if k]
-    values = {}
-    if active:
-        merged = [kp for kp in plan.keys if kp.merge]
-        counters = {i: StreamingKth(ranks[i]) for i in active}
-        for step in ("count", "collect"):
-            bar = tqdm(total=len(merged), desc=f"statistics ({step})", unit="tensor", disable=not progress)
-            for kp, (base, ts) in prefetch(merged, lambda kp: _load_key(plan, kp)):
-                absd = _abs_deltas(base, [ts[i] for i in active])
-                for i, a in zip(active, absd):
-                    getattr(counters[i], step)(a)
-                bar.update(1)
-            bar.close()
-            if step == "count":
-                for c in counters.values():
-                    c.locate()
-        values = {i: c.value() for i, c in counters.items()}
-    return _finish_thresholds(ranks, values)
+def thresholds_streaming(plan: Plan, progress: bool = False) -> list:
+    """Exact per-model global statistics in streaming sweeps (TIES: histogram, then the located bin)."""
+    return _global_stats(StatsRun(plan, streaming=True, progress=progress))
 
 
 def _per_model_values(model_params: Mapping[str, Any] | None, n: int) -> list[dict[str, Any]]:
@@ -277,7 +371,8 @@ def merge_state_dicts(method: str, base: Mapping[str, torch.Tensor] | None,
                       models: Sequence[Mapping[str, torch.Tensor]], params: Mapping[str, Any] | None = None,
                       model_params: Mapping[str, Any] | None = None, *, seed: int = 0,
                       exclude: Iterable[str] = (), dtype: torch.dtype | None = None,
-                      out_dtype: torch.dtype | None = None, on_mismatch: str = "error") -> dict[str, torch.Tensor]:
+                      out_dtype: torch.dtype | None = None, on_mismatch: str = "error",
+                      on_vocab_mismatch: str = "error") -> dict[str, torch.Tensor]:
     """Merge in-memory state dicts with a registered method.
 
     `params` are the method's global parameters (config names, e.g. ``{"lambda": 0.5}``); `model_params`
@@ -287,7 +382,8 @@ def merge_state_dicts(method: str, base: Mapping[str, torch.Tensor] | None,
     bsrc = DictSource(base, "base") if base is not None else None
     inputs = [DictSource(m, f"model[{i}]") for i, m in enumerate(models)]
     plan = build_plan(spec, bsrc, inputs, dict(params or {}), _per_model_values(model_params, len(models)),
-                      seed=seed, dtype=dtype, out_dtype=out_dtype, exclude=exclude, on_mismatch=on_mismatch)
+                      seed=seed, dtype=dtype, out_dtype=out_dtype, exclude=exclude, on_mismatch=on_mismatch,
+                      on_vocab_mismatch=on_vocab_mismatch)
     thresholds = thresholds_in_memory(plan) if plan.needs_stats() else None
     out = {}
     for kp in plan.keys:
@@ -304,7 +400,7 @@ def _open_sources(cfg: MergeConfig):
     for entry in cfg.models:
         if base_id is not None and Path(entry.path).resolve() == base_id and spec.needs_base:
             continue  # the base model listed among the models: it is the base, not a task vector
-        inputs.append(SafetensorsSource(entry.path))
+        inputs.append(open_input(entry.path, base, cfg.adapter_check_base))  # a model, or an adapter on base
         model_params.append({**cfg.model_defaults, **entry.parameters})
     return spec, base, inputs, model_params
 
@@ -327,6 +423,9 @@ def merge_models(config: dict | str | Path | MergeConfig, out_dir: str | Path, *
     nothing is written if it fails. The output appears atomically (temporary folder renamed into place).
     """
     cfg = load_config(config)
+    if cfg.output == "adapter":  # `output: adapter`: the merged LoRA adapters written as one PEFT adapter
+        from .adapter_merge import merge_adapters
+        return merge_adapters(cfg, out_dir, overwrite=overwrite, progress=progress)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise MergeConfigError(f"output {str(out)!r} exists and is not empty (pass overwrite=True)")
@@ -334,7 +433,8 @@ def merge_models(config: dict | str | Path | MergeConfig, out_dir: str | Path, *
     spec, base, inputs, model_params = _open_sources(cfg)
     try:
         plan = build_plan(spec, base, inputs, cfg.parameters, model_params, seed=cfg.seed, dtype=cfg.dtype,
-                          out_dtype=cfg.out_dtype, exclude=cfg.exclude, on_mismatch=cfg.on_mismatch)
+                          out_dtype=cfg.out_dtype, exclude=cfg.exclude, on_mismatch=cfg.on_mismatch,
+                          on_vocab_mismatch=cfg.on_vocab_mismatch)
         thresholds = thresholds_streaming(plan, progress) if plan.needs_stats() else None
     except BaseException:
         for s in ([base] if base else []) + inputs:
@@ -342,7 +442,7 @@ def merge_models(config: dict | str | Path | MergeConfig, out_dir: str | Path, *
         raise
 
     by_key = {kp.key: kp for kp in plan.keys}
-    shards = plan_shards([(kp.key, kp.shape, kp.out_dtype) for kp in plan.keys], shard_bytes)
+    shards = plan_shards([(kp.key, kp.out_shape, kp.out_dtype) for kp in plan.keys], shard_bytes)
     names = ([SINGLE_NAME] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -350,7 +450,7 @@ def merge_models(config: dict | str | Path | MergeConfig, out_dir: str | Path, *
     tmp.mkdir()
     cleanup: list[Callable[[], None]] = []
     try:
-        total = sum(nbytes(kp.shape, kp.out_dtype) for kp in plan.keys)
+        total = sum(nbytes(kp.out_shape, kp.out_dtype) for kp in plan.keys)
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"merge ({spec.name})",
                    disable=not progress)
         cleanup.append(bar.close)
@@ -359,7 +459,7 @@ def merge_models(config: dict | str | Path | MergeConfig, out_dir: str | Path, *
         weight_map = {}
         done = 0
         for name, keys in zip(names, shards):
-            writer = ShardWriter(tmp / name, [(k, by_key[k].shape, by_key[k].out_dtype) for k in keys])
+            writer = ShardWriter(tmp / name, [(k, by_key[k].out_shape, by_key[k].out_dtype) for k in keys])
             cleanup.append(writer.abort)
             for k in keys:
                 kp, (b, ts) = next(stream)
@@ -368,7 +468,7 @@ def merge_models(config: dict | str | Path | MergeConfig, out_dir: str | Path, *
                 writer.write(k, merged)
                 weight_map[k] = name
                 done += 1
-                bar.update(nbytes(kp.shape, kp.out_dtype))
+                bar.update(nbytes(kp.out_shape, kp.out_dtype))
                 bar.set_postfix(tensors=f"{done}/{len(plan.keys)}", refresh=False)
             writer.close()
         stream.close()
@@ -386,7 +486,7 @@ def merge_models(config: dict | str | Path | MergeConfig, out_dir: str | Path, *
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        for s in ([base] if base else []) + inputs:
+        for s in ([base] if base else []) + inputs + plan.sidecars:
             s.close()
     return out
 
@@ -400,6 +500,14 @@ def _copy_side_files(plan: Plan, cfg: MergeConfig, tmp: Path) -> None:
         if src.is_file():
             shutil.copy2(src, tmp / name)
     cfg_path = tmp / "config.json"
+    vocab = max((kp.out_shape[0] for kp in plan.keys if kp.tail), default=None)
+    if cfg_path.is_file() and vocab is not None:  # on_vocab_mismatch: truncate kept rows beyond the reference's
+        try:
+            data = json.loads(cfg_path.read_text())
+            if data.get("vocab_size") not in (None, vocab):
+                cfg_path.write_text(json.dumps({**data, "vocab_size": vocab}, indent=2) + "\n")
+        except (ValueError, TypeError):
+            pass
     out_dtype = cfg.out_dtype or cfg.dtype
     if cfg_path.is_file() and out_dtype is not None:
         try:

@@ -10,7 +10,8 @@ A parameter value in a config may be
 Layer position: the block index found in the tensor name (``layers.N.``, ``h.N.``, ``layer.N.``,
 ``blocks.N.``, ``block.N.``) divided by (number of blocks - 1). Tensors outside the blocks get x = 0 when
 their name looks like an embedding (``embed``, ``wte``, ``wpe``) and x = 1 otherwise (final norm, LM head),
-mirroring mergekit's t = 0 for pre-weights and t = 1 for post-weights.
+as older mergekit did (t = 0 for pre-weights, t = 1 for post-weights). Deliberate difference: mergekit 0.1.x
+plans post-weights at t = 0 too; a ``{filter: lm_head, value: ...}`` entry gives the same result in both.
 """
 from __future__ import annotations
 
@@ -46,9 +47,15 @@ def build_params(cls, values: dict[str, Any], where: str):
         raise MergeConfigError(f"{where}: {e}") from None
 
 
+def block_index(key: str) -> int | None:
+    """The block number in a tensor name (``...layers.3.mlp.weight`` -> 3), or None outside the blocks."""
+    m = _LAYER_RE.search(key)
+    return int(m.group(1)) if m else None
+
+
 def layer_positions(keys: Iterable[str]) -> dict[str, float]:
     keys = list(keys)
-    idx = {k: int(m.group(1)) for k in keys if (m := _LAYER_RE.search(k))}
+    idx = {k: i for k in keys if (i := block_index(k)) is not None}
     n = max(idx.values()) + 1 if idx else 1
     out = {}
     for k in keys:

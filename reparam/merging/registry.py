@@ -3,11 +3,15 @@ from __future__ import annotations
 
 from .errors import MergeConfigError
 from .methods import breadcrumbs, dare, della, linear, model_stock, slerp, task_arithmetic, ties
+from .methods import darex
+from .methods import pcb
+from .methods import fisher
 from .methods.base import MethodSpec
 
 METHODS: dict[str, MethodSpec] = {s.name: s for s in (
     linear.SPEC, task_arithmetic.SPEC, ties.SPEC, dare.SPEC_LINEAR, dare.SPEC_TIES, slerp.SPEC,
     breadcrumbs.SPEC, breadcrumbs.SPEC_TIES, della.SPEC, della.SPEC_LINEAR, model_stock.SPEC,
+    darex.SPEC, pcb.SPEC, fisher.SPEC,
 )}
 
 

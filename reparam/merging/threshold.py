@@ -1,15 +1,16 @@
-"""Magnitude thresholds for top-k trimming without a full sort.
+"""Exact order statistics (thresholds, quantiles) of huge, streamed sets of floats without a full sort.
 
-Two ways to get the k-th smallest value of a (possibly huge, streamed) set of non-negative float32 values:
+Two ways to get the k-th smallest value of the values of a whole model:
 
 * :func:`kth_smallest` — in memory, ``torch.kthvalue`` on the concatenation.
-* :class:`StreamingKth` — exact, two streaming passes, constant memory. For non-negative float32, the
-  int32 bit pattern is monotonic in the value, so its high 16 bits (sign, exponent, 7 mantissa bits: a
-  histogram of log2|x| with 128 sub-bins per octave) index a 32768-bin histogram. Pass 1 counts values per
-  bin and locates the bin holding the k-th smallest value; pass 2 histograms the low 16 bits of the values
-  in that bin (65536 bins), which pins down the exact bit pattern of the k-th smallest value. Nothing but
-  the two histograms is kept, even when millions of values tie (e.g. zero deltas of frozen layers). Both
-  paths return the very same float (tested).
+* :class:`StreamingOrderStats` — exact radix selection over streaming sweeps, constant memory. Each float is
+  mapped to an integer whose signed order is the float order (:func:`_ordered_keys`: the IEEE bit pattern,
+  with the magnitude bits of negative values flipped). Sweep 1 histograms the top 16 bits of the keys (for a
+  non-negative float32: exponent and 7 mantissa bits, i.e. a histogram of log2|x| with 128 sub-bins per
+  octave) and locates the bucket holding the k-th smallest; each further sweep histograms the next 16 bits
+  of the keys inside the located prefix. float32 needs 2 sweeps, float64 4. Nothing but the histograms is
+  kept, even when millions of values tie (e.g. zero deltas of frozen layers). Both paths return the very
+  same float (tested). :class:`StreamingKth` is the one-rank float32 form used by TIES.
 
 :func:`keep_threshold` turns a density into the rank to ask for, for both top-k conventions of the specs:
 ``"exact"`` keeps the n = floor(density*D) largest (absent ties), ``"threshold"`` (TIES reference code) keeps
@@ -18,26 +19,102 @@ every value >= the (D-n)-th smallest, i.e. n+1 values absent ties.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 
-_BINS = 1 << 15  # high 16 bits of a non-negative float32 (sign bit is 0)
+_DIGIT = 16  # bits of the order key resolved per streaming sweep
+_BUCKETS = 1 << _DIGIT
 
 
-def _bins_of(x: torch.Tensor) -> torch.Tensor:
-    return (x.contiguous().view(torch.int32) >> 16).long()
+def _ordered_keys(x: torch.Tensor) -> torch.Tensor:
+    """Integers whose signed order is the float order: float32 -> int32, float64 -> int64.
+
+    Negative floats get their magnitude bits flipped. -0.0 is first made +0.0 (by adding 0.0) so that both
+    zeros share one key, as ``kthvalue`` treats them as equal.
+    """
+    x = x.reshape(-1)
+    if x.dtype != torch.float64:
+        x = x.float()
+    x = (x + 0.0).contiguous()
+    nbits = 8 * x.element_size()
+    bits = x.view(torch.int64 if nbits == 64 else torch.int32)
+    return bits ^ ((bits >> (nbits - 1)) & ((1 << (nbits - 1)) - 1))
+
+
+def _key_to_float(key: int, dtype: torch.dtype) -> float:
+    nbits = 64 if dtype == torch.float64 else 32
+    bits = torch.tensor([key], dtype=torch.int64 if nbits == 64 else torch.int32)
+    bits = bits ^ ((bits >> (nbits - 1)) & ((1 << (nbits - 1)) - 1))  # the key map is its own inverse
+    return float(bits.view(torch.float64 if nbits == 64 else torch.float32))
 
 
 def kth_smallest(values: torch.Tensor | Iterable[torch.Tensor], k: int) -> float:
-    """k-th smallest (1-indexed) of the concatenated float32 values, in memory."""
+    """k-th smallest (1-indexed) of the concatenated values (float32, or float64 if given), in memory."""
     if not isinstance(values, torch.Tensor):
-        values = torch.cat([v.reshape(-1).float() for v in values])
-    return float(values.reshape(-1).float().kthvalue(k).values)
+        values = torch.cat([v.reshape(-1) for v in values])
+    values = values.reshape(-1)
+    if values.dtype != torch.float64:
+        values = values.float()
+    return float(values.kthvalue(k).values) + 0.0  # -0.0 -> 0.0, as the streaming path returns
 
 
-class StreamingKth:
-    """Exact k-th smallest of non-negative float32 values fed in chunks, over two passes.
+class StreamingOrderStats:
+    """Exact order statistics of float32 or float64 values fed in chunks, by radix selection over sweeps.
+
+    ``ranks`` are 1-indexed ascending positions (rank = number of values gives the maximum). Usage: for each
+    of ``self.passes`` sweeps, ``feed`` every chunk, then call ``next_pass()``; then ``values()`` gives one
+    float per rank. Memory: one 65536-bucket histogram per rank.
+    """
+
+    def __init__(self, ranks: Sequence[int], dtype: torch.dtype = torch.float32):
+        if any(k < 1 for k in ranks):
+            raise ValueError(f"ranks must be >= 1, got {list(ranks)}")
+        self.dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.nbits = 64 if self.dtype == torch.float64 else 32
+        self.passes = self.nbits // _DIGIT
+        self.ranks = list(ranks)
+        self.rank_left = list(ranks)  # rank among the values sharing the prefix resolved so far
+        self.prefix: list[int] = [0] * len(ranks)  # top (sweep * 16) bits of each wanted key, signed
+        self.hists = [torch.zeros(_BUCKETS, dtype=torch.int64) for _ in ranks]
+        self.sweep = 0
+        self.total = 0
+
+    def feed(self, chunk: torch.Tensor) -> None:
+        if (chunk.dtype == torch.float64) != (self.dtype == torch.float64):
+            raise ValueError(f"expected {self.dtype} values, got {chunk.dtype}")
+        keys = _ordered_keys(chunk)
+        shift = self.nbits - _DIGIT * (self.sweep + 1)
+        if self.sweep == 0:
+            self.total += keys.numel()
+            counts = torch.bincount(((keys >> shift) + _BUCKETS // 2).long(), minlength=_BUCKETS)
+            for h in self.hists:
+                h += counts
+            return
+        for h, pre in zip(self.hists, self.prefix):
+            sel = keys[(keys >> (shift + _DIGIT)) == pre]
+            if sel.numel():
+                h += torch.bincount(((sel >> shift) & (_BUCKETS - 1)).long(), minlength=_BUCKETS)
+
+    def next_pass(self) -> None:
+        if self.sweep == 0 and self.ranks and max(self.ranks) > self.total:
+            raise ValueError(f"k={max(self.ranks)} exceeds the number of values ({self.total})")
+        for j, h in enumerate(self.hists):
+            cum = h.cumsum(0)
+            digit = int(torch.searchsorted(cum, torch.tensor(self.rank_left[j]), right=False))
+            self.rank_left[j] -= int(cum[digit - 1]) if digit > 0 else 0
+            self.prefix[j] = digit - _BUCKETS // 2 if self.sweep == 0 else (self.prefix[j] << _DIGIT) | digit
+            h.zero_()
+        self.sweep += 1
+
+    def values(self) -> list[float]:
+        if self.sweep != self.passes:
+            raise RuntimeError(f"{self.sweep} of {self.passes} sweeps done")
+        return [_key_to_float(p, self.dtype) for p in self.prefix]
+
+
+class StreamingKth(StreamingOrderStats):
+    """Exact k-th smallest of float32 values over two sweeps (TIES magnitudes).
 
     Usage: ``s = StreamingKth(k)``; feed every chunk to ``s.count(chunk)``; call ``s.locate()``; feed the same
     chunks again to ``s.collect(chunk)``; read ``s.value()``.
@@ -46,37 +123,16 @@ class StreamingKth:
     def __init__(self, k: int):
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        super().__init__([k])
         self.k = k
-        self.hist = torch.zeros(_BINS, dtype=torch.int64)
-        self.low = torch.zeros(1 << 16, dtype=torch.int64)
-        self.total = 0
-        self.bin: int | None = None
-        self.rank_in_bin = 0
 
-    def count(self, chunk: torch.Tensor) -> None:
-        x = chunk.reshape(-1).float()
-        if x.numel() and bool((x < 0).any()):
-            raise ValueError("StreamingKth takes non-negative values (magnitudes)")
-        self.hist += torch.bincount(_bins_of(x), minlength=_BINS)
-        self.total += x.numel()
-
-    def locate(self) -> None:
-        if self.k > self.total:
-            raise ValueError(f"k={self.k} exceeds the number of values ({self.total})")
-        cum = self.hist.cumsum(0)
-        self.bin = int(torch.searchsorted(cum, torch.tensor(self.k), right=False))
-        below = int(cum[self.bin - 1]) if self.bin > 0 else 0
-        self.rank_in_bin = self.k - below
-
-    def collect(self, chunk: torch.Tensor) -> None:
-        bits = chunk.reshape(-1).float().contiguous().view(torch.int32)
-        sel = bits[(bits >> 16) == self.bin]
-        if sel.numel():
-            self.low += torch.bincount((sel & 0xFFFF).long(), minlength=1 << 16)
+    count = collect = StreamingOrderStats.feed
+    locate = StreamingOrderStats.next_pass
 
     def value(self) -> float:
-        low = int(torch.searchsorted(self.low.cumsum(0), torch.tensor(self.rank_in_bin), right=False))
-        return float(torch.tensor([(self.bin << 16) | low], dtype=torch.int32).view(torch.float32))
+        if self.sweep == 1:
+            self.next_pass()  # the collect sweep ends here
+        return self.values()[0]
 
 
 def keep_threshold(total: int, density: float, mode: str = "exact") -> int | None:

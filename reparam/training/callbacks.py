@@ -46,8 +46,11 @@ class Callback:
 
     Order within one optimizer step of reparam's loop:
       on_step_begin -> forward/backward of every micro-batch -> after_backward (gradients complete, averaged over
-      ranks and micro-batches, unscaled; before clipping and optimizer.step) -> clip -> optimizer.step ->
-      scheduler.step -> on_step_end (gradients still present; zeroed right after) -> logging/eval/checkpoint.
+      ranks and micro-batches, unscaled; before clipping and optimizer.step) -> clip -> before_optimizer_step
+      (gradients clipped; what a method adds here is not clipped, e.g. SORSA's regulariser) -> optimizer.step ->
+      after_optimizer_step (parameters updated, gradients still present, global_step still this step's index: e.g.
+      AdaLoRA's rank allocation) -> scheduler.step -> on_step_end (gradients still present; zeroed right after) ->
+      logging/eval/checkpoint.
     state_dict()/load_state_dict(): whatever a callback returns here is saved in training checkpoints (torch.save
     format; tensors, numbers, strings, lists and dicts) and handed back on resume.
     """
@@ -59,6 +62,12 @@ class Callback:
         pass
 
     def after_backward(self, state: TrainState) -> None:
+        pass
+
+    def before_optimizer_step(self, state: TrainState) -> None:
+        pass
+
+    def after_optimizer_step(self, state: TrainState) -> None:
         pass
 
     def on_step_end(self, state: TrainState) -> None:
@@ -80,6 +89,27 @@ class Callback:
 def call(callbacks, hook: str, state: TrainState, *args) -> None:
     for cb in callbacks:
         getattr(cb, hook)(state, *args)
+
+
+def method_callbacks(model, given=(), optimizer=None) -> list:
+    """The callbacks the methods of `model`'s active adapters need in training (Adapter.training_callbacks, e.g.
+    SORSA's regulariser step), one of each type, leaving out types already in `given`; plus a rank allocator
+    (Adapter.rank_allocator(model, name, optimizer), e.g. AdaLoRA's) for each adapter `given` has none for. reparam's
+    loop adds them itself; with a Hugging Face Trainer pass HFTrainerCallback(method_callbacks(model))."""
+    from ..core.model import active_adapters, get_record
+    from ..core.registry import get_method
+
+    out = list(given)
+    for name in active_adapters(model):
+        adapter_cls = get_method(get_record(model, name).config.method).adapter_cls
+        for cb in adapter_cls.training_callbacks():
+            if not any(type(c) is type(cb) for c in out):
+                out.append(cb)
+        allocator = getattr(adapter_cls, "rank_allocator", None)  # bound to the model: it resizes it on resume
+        if allocator is not None and not any(getattr(c, "model", None) is model and
+                                             getattr(c, "adapter_name", None) == name for c in out):
+            out.append(allocator(model, name, optimizer))
+    return out[len(given):]
 
 
 _HF_CLASS = None
@@ -105,7 +135,8 @@ def _hf_trainer_callback_class():
             trainer = Trainer(..., callbacks=[HFTrainerCallback([my_callback])])
 
         Hook mapping: on_train_begin -> on_train_begin, on_step_begin -> on_step_begin, on_pre_optimizer_step ->
-        after_backward, on_step_end -> on_step_end, on_evaluate -> on_evaluate, on_train_end -> on_train_end.
+        after_backward then before_optimizer_step, on_optimizer_step -> after_optimizer_step, on_step_end ->
+        on_step_end, on_evaluate -> on_evaluate, on_train_end -> on_train_end.
         Differences from reparam's loop: the Trainer clips gradients *before* on_pre_optimizer_step, and has already
         zeroed them at on_step_end. state.log() entries go to `self.history` (and to the Trainer's log history).
         Callback state_dicts are not part of Trainer checkpoints.
@@ -147,7 +178,11 @@ def _hf_trainer_callback_class():
             return self._run("on_step_begin", args, state, control, kwargs)
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
-            return self._run("after_backward", args, state, control, kwargs)
+            self._run("after_backward", args, state, control, kwargs)
+            return self._run("before_optimizer_step", args, state, control, kwargs)
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            return self._run("after_optimizer_step", args, state, control, kwargs)
 
         def on_step_end(self, args, state, control, **kwargs):
             return self._run("on_step_end", args, state, control, kwargs)

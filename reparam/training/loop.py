@@ -26,7 +26,8 @@ from torch import nn
 from ..core.errors import ConfigError, ReparamError
 from ..core.model import regularizer
 from ..io.files import atomic_write, read_json, read_safetensors, write_json, write_safetensors
-from .callbacks import TrainState, call
+from .callbacks import TrainState, call, method_callbacks
+from .delta_reg import DELTA_REGS, AdamR, DeltaL2
 from .metrics import compute_metrics
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -46,7 +47,10 @@ class TrainConfig:
     at the end). resume: continue from the latest checkpoint in checkpoint_dir (fresh start when there is none);
     resume_from: a checkpoint folder (or a checkpoint_dir) to continue from. keep_checkpoints: how many to keep.
     seed: seeds torch, random, numpy and the data order. progress: tqdm bar. regularizer_weight: weight of
-    reparam.regularizer(model) added to the task loss.
+    reparam.regularizer(model) added to the task loss. delta_reg: keep theta - theta_0 (the trainable values at the
+    start) small for DARE/DAREx afterwards: "none", "l2" (strength/2 * ||theta - theta_0||^2 added to the loss),
+    "adamr" / "adamr_l1" (AdamR instead of AdamW: decoupled decay toward theta_0, see reparam.training.delta_reg);
+    delta_reg_strength: that strength / AdamR's weight decay.
     """
 
     lr: float = 5e-4
@@ -70,6 +74,8 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     regularizer_weight: float = 0.0
+    delta_reg: str = "none"
+    delta_reg_strength: float = 0.0
 
     def __post_init__(self):
         def need(ok, name, why):
@@ -87,6 +93,10 @@ class TrainConfig:
         need(self.checkpoint_every is None or self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
         need(self.log_every >= 1, "log_every", "must be >= 1")
         need(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        need(self.delta_reg in DELTA_REGS, "delta_reg", f"must be one of {', '.join(DELTA_REGS)}")
+        need(self.delta_reg_strength >= 0, "delta_reg_strength", "must be >= 0")
+        need(not (self.delta_reg.startswith("adamr") and self.weight_decay), "weight_decay",
+             f"AdamR (delta_reg={self.delta_reg!r}) decays toward theta_0, not 0; use delta_reg_strength instead")
         need(self.checkpoint_every is None or self.checkpoint_dir, "checkpoint_every", "needs checkpoint_dir")
 
 
@@ -290,6 +300,20 @@ def _find_checkpoint(path: Path) -> Path | None:
 
 
 def _load_checkpoint(folder: Path, model, optimizer, scheduler, callbacks, config: TrainConfig) -> dict:
+    try:
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ReparamError(f"{folder / 'state.pt'}: cannot read training state ({type(e).__name__}: {e})") from None
+    for k in _ORDER_KEYS:
+        if state["config"].get(k) != getattr(config, k):
+            raise ReparamError(f"{folder}: checkpoint was written with {k}={state['config'].get(k)!r}, this run has "
+                               f"{k}={getattr(config, k)!r}; resume needs the same {', '.join(_ORDER_KEYS)}")
+    if len(state["callbacks"]) != len(callbacks):
+        raise ReparamError(f"{folder}: checkpoint holds state of {len(state['callbacks'])} callbacks, "
+                           f"this run has {len(callbacks)}")
+    # Callbacks first: a rank allocator gives the adapter the shapes it had at the checkpoint (pruned or grown).
+    for cb, s in zip(callbacks, state["callbacks"]):
+        cb.load_state_dict(s)
     tensors, _ = read_safetensors(folder / "trainable.safetensors")
     params = _trainable(model)
     if set(tensors) != set(params):
@@ -303,21 +327,8 @@ def _load_checkpoint(folder: Path, model, optimizer, scheduler, callbacks, confi
                 raise ReparamError(f"{folder}: {name} has shape {tuple(tensors[name].shape)}, "
                                    f"model has {tuple(p.shape)}")
             p.copy_(tensors[name])
-    try:
-        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ReparamError(f"{folder / 'state.pt'}: cannot read training state ({type(e).__name__}: {e})") from None
-    for k in _ORDER_KEYS:
-        if state["config"].get(k) != getattr(config, k):
-            raise ReparamError(f"{folder}: checkpoint was written with {k}={state['config'].get(k)!r}, this run has "
-                               f"{k}={getattr(config, k)!r}; resume needs the same {', '.join(_ORDER_KEYS)}")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    if len(state["callbacks"]) != len(callbacks):
-        raise ReparamError(f"{folder}: checkpoint holds state of {len(state['callbacks'])} callbacks, "
-                           f"this run has {len(callbacks)}")
-    for cb, s in zip(callbacks, state["callbacks"]):
-        cb.load_state_dict(s)
     _set_rng_state(state["rng"])
     return state
 
@@ -360,7 +371,14 @@ def train(model: nn.Module, train_data, config: TrainConfig | None = None, eval_
     no_decay = [p for p in params.values() if p.ndim < 2]
     groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=config.lr)
+    if config.delta_reg.startswith("adamr"):  # every trainable tensor decays toward its start, biases included
+        optimizer = AdamR(list(params.values()), lr=config.lr, weight_decay=config.delta_reg_strength,
+                          l1=config.delta_reg == "adamr_l1")
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=config.lr)
+    if config.delta_reg == "l2":  # first, so the user's after_backward hooks see the full gradient
+        callbacks.insert(0, DeltaL2(params, config.delta_reg_strength))
+    callbacks += method_callbacks(raw_model, callbacks, optimizer)  # e.g. SORSA's regulariser step, rank allocators
     steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule_fn(config, total_steps))
@@ -442,7 +460,9 @@ def train(model: nn.Module, train_data, config: TrainConfig | None = None, eval_
             call(callbacks, "after_backward", state)
             if config.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
+            call(callbacks, "before_optimizer_step", state)
             optimizer.step()
+            call(callbacks, "after_optimizer_step", state)
             scheduler.step()
             step += 1
             examples += len(global_idx)

@@ -2,7 +2,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 SHAPES = {
     "model.embed_tokens.weight": (16, 8),
@@ -49,3 +49,11 @@ def save_model(sd, folder: Path, shards: int = 1, config: bool = True) -> Path:
     return folder
 
 
+
+
+def load_folder(folder: Path) -> dict:
+    """Every tensor of a merged output folder (one or several shards)."""
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out

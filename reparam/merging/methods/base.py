@@ -14,7 +14,8 @@ class TensorContext:
     key: str
     seed: int | None = None
     model_indices: list[int] = field(default_factory=list)  # position of each input model in the config
-    thresholds: list[float | None] | None = None  # global-scope trim thresholds, one per model
+    thresholds: list | None = None  # global-scope statistics, one entry per model (TIES: trim threshold)
+    sidecars: list | None = None  # one extra tensor per model for this key (MethodSpec.sidecar), e.g. Fisher
 
 
 @dataclass(frozen=True)
@@ -29,5 +30,9 @@ class MethodSpec:
     randomized: bool = False
     order_matters: bool = False
     global_stats: Callable[[Any], bool] | None = None  # params -> True when a statistics pass is needed
+    stats: Callable[[Any], list] | None = None  # (engine.StatsRun) -> ctx.thresholds; None: TIES thresholds
     check: Callable[[Any, list, str], None] | None = None  # (params, per_model, key) -> raise ValueError
+    check_keys: Callable[[list, list], None] | None = None  # (merged keys, first key's per_model) -> raise
+    sidecar: str | None = None  # per-model parameter naming a file with one extra tensor per key
+    takes_base: bool = True  # False: a base_model in the config is an error
     description: str = ""

@@ -6,9 +6,9 @@ mergekit names and defaults: global ``normalize`` (false), ``rescale`` (false), 
 ``int8_mask`` (ignored); per model ``weight``, ``density`` (1.0) and ``gamma`` (0.01).
 Ties at the cut points are broken by index (mergekit's unstable sort leaves them unspecified). With
 ``rescale: true`` the default ``rescale_mode`` is ``l1`` as in mergekit.
-Difference from mergekit: when int(gamma * numel) == 0 (small tensors such as biases and norms with the
-default gamma), mergekit's slice ``indices[n_bot:-0]`` is empty and the whole delta is dropped; here the
-``density`` fraction is kept as the method intends.
+When int(gamma * numel) == 0 (small tensors such as biases and norms with the default gamma) the
+``density`` fraction is kept as the method intends; mergekit before 0.1.x dropped the whole delta there
+(slice ``indices[n_bot:-0]``), mergekit 0.1.5 keeps it too (tests/merging/test_mergekit_parity.py).
 """
 from __future__ import annotations
 

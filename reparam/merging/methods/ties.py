@@ -11,8 +11,9 @@ Extensions (reparam names, not in mergekit):
   extra statistics pass (exact, histogram based, see :mod:`reparam.merging.threshold`). Global scope needs a
   scalar density per model.
 * ``topk_mode``: ``exact`` (default) keeps floor(density*d) entries (ties broken by lower index; mergekit
-  uses an unstable argsort, so only tied magnitudes can differ); ``threshold`` keeps |tau| >= the
-  (d-n)-th smallest, the reference code's rule (one more entry).
+  uses an unstable argsort, so only tied magnitudes can differ; mergekit 0.1.5 also keeps one entry when
+  density*d < 1, where the spec's count is 0); ``threshold`` keeps |tau| >= the (d-n)-th smallest, the
+  reference code's rule (one more entry).
 * ``consensus_method``: ``sum`` (default) or ``count`` (sign of the sum of signs).
 * ``rescale_mode`` when ``rescale`` is true: ``l1`` (default, current mergekit), ``l2``, ``linf``,
   ``inverse_keep`` (1/density, older mergekit).
