@@ -14,7 +14,6 @@ method module's docstring lists its deliberate differences. The main ones:
   reproducible but not mergekit's;
 * exact top-k ties are broken by lower index, and top-k keeps floor(density*numel) entries (mergekit 0.1.5
   keeps at least one); Breadcrumbs keeps ``density`` even when gamma*numel < 1 (as mergekit 0.1.5 does);
-* a parameter gradient gives the final norm and LM head its last value (x = 1; mergekit 0.1.x: the first);
 * extensions: TIES ``scope: global`` (whole-model thresholds, one statistics pass of two sweeps),
   ``topk_mode``, ``consensus_method``; config keys ``seed``, ``exclude``, ``on_mismatch``,
   ``on_vocab_mismatch`` (``truncate`` keeps the extra rows, mergekit drops them), ``max_shard_size``; Model

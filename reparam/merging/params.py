@@ -8,10 +8,10 @@ A parameter value in a config may be
   tensor name wins; an entry without ``filter`` is the fallback. ``v`` may itself be a gradient.
 
 Layer position: the block index found in the tensor name (``layers.N.``, ``h.N.``, ``layer.N.``,
-``blocks.N.``, ``block.N.``) divided by (number of blocks - 1). Tensors outside the blocks get x = 0 when
-their name looks like an embedding (``embed``, ``wte``, ``wpe``) and x = 1 otherwise (final norm, LM head),
-as older mergekit did (t = 0 for pre-weights, t = 1 for post-weights). Deliberate difference: mergekit 0.1.x
-plans post-weights at t = 0 too; a ``{filter: lm_head, value: ...}`` entry gives the same result in both.
+``blocks.N.``, ``block.N.``) divided by (number of blocks - 1). Tensors outside the blocks (embeddings, final
+norm, LM head) get x = 0, as mergekit 0.1.x plans them, so a mergekit YAML with a gradient gives the same
+tensors here (older mergekit gave post-block tensors x = 1; a ``{filter: lm_head, value: ...}`` entry
+reproduces that).
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def layer_positions(keys: Iterable[str]) -> dict[str, float]:
         if k in idx:
             out[k] = idx[k] / max(n - 1, 1)
         else:
-            out[k] = 0.0 if _EMBED_RE.search(k) else 1.0
+            out[k] = 0.0
     return out
 
 

@@ -293,7 +293,7 @@ def test_layer_positions_and_gradients():
     keys = ["model.embed_tokens.weight", "model.layers.0.a", "model.layers.1.a", "model.layers.2.a",
             "model.norm.weight", "lm_head.weight"]
     pos = layer_positions(keys)
-    assert [pos[k] for k in keys] == [0.0, 0.0, 0.5, 1.0, 1.0, 1.0]
+    assert [pos[k] for k in keys] == [0.0, 0.0, 0.5, 1.0, 0.0, 0.0]  # outside the blocks: t = 0, as mergekit 0.1.x
     assert resolve_value([0.0, 1.0, 0.0], "x", 0.25) == 0.5
     assert resolve_value([0.0, 1.0, 0.0], "x", 0.5) == 1.0
     assert resolve_value([0.0, 1.0, 0.0], "x", 1.0) == 0.0
