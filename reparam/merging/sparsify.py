@@ -2,13 +2,16 @@
 
 All functions take and return float32 tensors (the engine casts before and after). Selection by rank never
 sorts the whole tensor except DELLA's per-row ranks: :func:`smallest_mask` finds the n smallest entries
-with ``kthvalue`` and breaks ties at the boundary by index (lower index first), so counts are exact.
+with :func:`~reparam.merging.threshold.kth_value` (histogram, then ``kthvalue`` in one bucket) and breaks ties
+at the boundary by index (lower index first), so counts are exact.
 """
 from __future__ import annotations
 
 import hashlib
 
 import torch
+
+from .threshold import kth_value
 
 RESCALE_MODES = ("inverse_keep", "l1", "l2", "linf", "none")
 
@@ -21,6 +24,14 @@ def generator_for(seed: int | None, model_index: int, key: str) -> torch.Generat
     return g
 
 
+def _with_ties(flat: torch.Tensor, beyond: torch.Tensor, t: torch.Tensor, n: int) -> torch.Tensor:
+    """`beyond` (entries strictly past the boundary value t) plus the first entries equal to t, up to n."""
+    need = n - int(beyond.count_nonzero())  # (sum() of a bool tensor is ~20x slower)
+    if need > 0:  # ties at the boundary: lower flat index first
+        beyond[(flat == t).nonzero().squeeze(1)[:need]] = True
+    return beyond
+
+
 def smallest_mask(a: torch.Tensor, n: int) -> torch.Tensor:
     """Boolean mask of exactly n entries of `a` with the smallest values (ties: lower flat index first)."""
     flat = a.reshape(-1)
@@ -28,22 +39,25 @@ def smallest_mask(a: torch.Tensor, n: int) -> torch.Tensor:
         return torch.zeros_like(a, dtype=torch.bool)
     if n >= flat.numel():
         return torch.ones_like(a, dtype=torch.bool)
-    t = flat.kthvalue(n).values
-    mask = flat < t
-    need = n - int(mask.sum())
-    eq = flat == t
-    mask |= eq & (eq.cumsum(0) <= need)
-    return mask.reshape(a.shape)
+    t = kth_value(flat, n)
+    return _with_ties(flat, flat < t, t, n).reshape(a.shape)
 
 
 def largest_mask(a: torch.Tensor, n: int) -> torch.Tensor:
-    """Boolean mask of exactly n entries with the largest values (ties: lower flat index first)."""
-    return smallest_mask(-a, n)
+    """Boolean mask of exactly n entries with the largest values (ties: lower flat index first); the same
+    mask as ``smallest_mask(-a, n)`` without negating a copy of `a`."""
+    flat = a.reshape(-1)
+    if n <= 0:
+        return torch.zeros_like(a, dtype=torch.bool)
+    if n >= flat.numel():
+        return torch.ones_like(a, dtype=torch.bool)
+    t = kth_value(flat, flat.numel() - n + 1)
+    return _with_ties(flat, flat > t, t, n).reshape(a.shape)
 
 
 def rescale(delta: torch.Tensor, kept: torch.Tensor, mode: str, keep_prob: torch.Tensor | float | None,
             eps: float = 1e-7) -> torch.Tensor:
-    """Rescale the masked tensor `kept` (= mask * delta).
+    """Rescale the masked tensor `kept` (= mask * delta, a fresh tensor: it is rescaled in place).
 
     inverse_keep: divide by the keep probability (DARE/DELLA papers; E[out] = delta);
     l1/l2/linf: match the norm of `delta` (current mergekit), skipped when either norm < eps; none: as is.
@@ -53,7 +67,7 @@ def rescale(delta: torch.Tensor, kept: torch.Tensor, mode: str, keep_prob: torch
     if mode == "inverse_keep":
         if keep_prob is None:
             return kept
-        return kept / keep_prob
+        return kept.div_(keep_prob)
     if mode == "l1":
         before, after = delta.abs().sum(), kept.abs().sum()
     elif mode == "l2":
@@ -64,15 +78,16 @@ def rescale(delta: torch.Tensor, kept: torch.Tensor, mode: str, keep_prob: torch
         raise ValueError(f"unknown rescale mode {mode!r}; valid: {', '.join(RESCALE_MODES)}")
     if before < eps or after < eps:
         return kept
-    return kept * (before / after)
+    return kept.mul_(before / after)
 
 
 def magnitude(delta: torch.Tensor, density: float, *, threshold: float | None = None, topk_mode: str = "exact",
-              rescale_mode: str = "none") -> torch.Tensor:
+              rescale_mode: str = "none", inplace: bool = False) -> torch.Tensor:
     """Keep the largest-|delta| fraction `density` (TIES trim).
 
     With `threshold` (global scope, precomputed per model) keep |delta| >= threshold. Otherwise per tensor:
     "exact" keeps floor(density*d) entries, "threshold" keeps every entry >= the (d-n)-th smallest |delta|.
+    `inplace`: `delta` may be overwritten (without rescaling, the result is `delta` itself, masked).
     """
     if density >= 1 and threshold is None:
         return delta
@@ -86,9 +101,12 @@ def magnitude(delta: torch.Tensor, density: float, *, threshold: float | None = 
             mask = largest_mask(a, n)
         elif topk_mode == "threshold":
             k = d - n
-            mask = torch.ones_like(a, dtype=torch.bool) if k < 1 else a >= a.reshape(-1).kthvalue(k).values
+            mask = torch.ones_like(a, dtype=torch.bool) if k < 1 else a >= kth_value(a, k)
         else:
             raise ValueError(f"topk_mode must be 'exact' or 'threshold', got {topk_mode!r}")
+    mask = a.copy_(mask)  # |delta| is no longer needed: the mask as 0/1 floats (float*bool is far slower)
+    if inplace and rescale_mode == "none":
+        return delta.mul_(mask)
     kept = delta * mask
     return rescale(delta, kept, rescale_mode, min(1.0, max(density, 1e-12)))
 
@@ -101,7 +119,7 @@ def bernoulli(delta: torch.Tensor, density: float, gen: torch.Generator, rescale
     if density <= 0:
         return torch.zeros_like(delta)
     mask = torch.bernoulli(torch.full_like(delta, density, dtype=torch.float32), generator=gen)
-    return rescale(delta, delta * mask, rescale_mode, density)
+    return rescale(delta, mask.mul_(delta), rescale_mode, density)  # mask * delta, in the mask's storage
 
 
 def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float = 0.01, rescale_mode: str = "none"

@@ -21,41 +21,69 @@ import torch
 from ..sparsify import generator_for
 
 
-def consensus_mask(weighted: torch.Tensor, method: str) -> torch.Tensor:
-    sign = weighted.sign()
-    total = weighted.sum(0) if method == "sum" else sign.sum(0)
-    majority = torch.where(total >= 0, 1.0, -1.0)
-    return sign == majority
+def sum_models(terms: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(terms).sum(0)``, bit for bit, without the stacked copy when there are at most 4 terms.
+
+    torch reduces over the leading dim in order from +0.0 for up to 4 rows (tested against stack().sum(0));
+    beyond that its cascade order differs, so more terms take the stacked path."""
+    if len(terms) > 4:
+        return torch.stack(list(terms)).sum(0)
+    acc = terms[0] + 0.0  # the reduction starts from +0.0 (turns -0.0 into +0.0)
+    for t in terms[1:]:
+        acc += t
+    return acc
+
+
+def consensus_mask(weighted: Sequence[torch.Tensor], method: str) -> list[torch.Tensor]:
+    """Per model, where its entry has the elected sign gamma (+1 where the sum / sign count is >= 0, else
+    -1); zeros never agree (their sign is 0)."""
+    total = sum_models(weighted) if method == "sum" else sum_models([x.sign() for x in weighted])
+    positive = total >= 0
+    agree = []
+    for x in weighted:  # x > 0 where gamma = +1, x < 0 where gamma = -1, in bool ops (torch.where is slower)
+        negative = x < 0
+        agree.append((x > 0).logical_or_(negative).logical_and_(negative.logical_xor_(positive)))
+    return agree
 
 
 def gta_merge_tensor(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
                      sparsify: Callable[[torch.Tensor, int], torch.Tensor] | None, consensus: str | None,
                      normalize: bool, lambda_: float) -> torch.Tensor:
     b = base.float()
-    deltas = []
+    weighted = []
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float32)
+    unweighted = bool((w == 1).all())
     for i, t in enumerate(tensors):
-        d = t.float() - b
-        deltas.append(sparsify(d, i) if sparsify is not None else d)
-    if not deltas:
+        d = t.to(torch.float32, copy=True).sub_(b)  # copy: `t` may already be float32 (the caller's tensor)
+        d = sparsify(d, i) if sparsify is not None else d
+        weighted.append(d if unweighted else d.mul_(w[i]))  # x * 1 == x: skip the multiply
+    if not weighted:
         return b
-    stacked = torch.stack(deltas)
-    w = torch.tensor([float(x) for x in weights], dtype=torch.float32).reshape(-1, *([1] * b.dim()))
-    weighted = stacked * w
-    del stacked, deltas
+    w = w.reshape(-1, *([1] * b.dim()))
     if consensus is not None:
-        mask = consensus_mask(weighted, consensus)
-        mixed = (weighted * mask).sum(0)
-        divisor = (w * mask).sum(0)
-        divisor[divisor == 0] = 1.0
+        agree = consensus_mask(weighted, consensus)
+        mask = torch.empty_like(weighted[0])
+        for x, m in zip(weighted, agree):
+            x.mul_(mask.copy_(m))  # in place on our own copies, by a 0/1 float mask (float*bool is slower)
+        mixed = sum_models(weighted)
+        if unweighted:  # the divisor is the number of agreeing models: count in small integers
+            count = agree[0].to(torch.uint8 if len(agree) < 256 else torch.int32)
+            for m in agree[1:]:
+                count += m
+            divisor = mask.copy_(count)
+        else:
+            divisor = sum_models([m * w[i] for i, m in enumerate(agree)])
+        divisor.masked_fill_(divisor == 0, 1.0)
     else:
-        mixed = weighted.sum(0)
+        mixed = sum_models(weighted)
         divisor = w.sum(0)
         divisor[divisor.abs() < 1e-8] = 1.0
+    del weighted
     if normalize:
-        mixed = mixed / divisor
+        mixed.div_(divisor)
     if lambda_ != 1:
-        mixed = mixed * lambda_
-    return b + mixed
+        mixed.mul_(lambda_)
+    return mixed.add_(b)
 
 
 def random_sparsified_kernel(sparsify: Callable, consensus: bool) -> Callable:

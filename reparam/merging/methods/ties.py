@@ -70,7 +70,7 @@ def merge_tensor(base: torch.Tensor, tensors: Sequence[torch.Tensor], per_model:
         if params.scope == "global" and thr is None:
             return delta  # density >= 1 for this model: nothing trimmed
         return magnitude(delta, per_model[i].density, threshold=thr, topk_mode=params.topk_mode,
-                         rescale_mode=mode)
+                         rescale_mode=mode, inplace=True)  # the delta is gta_merge_tensor's own copy
 
     return gta_merge_tensor(base, tensors, [m.weight for m in per_model], trim, params.consensus_method,
                             params.normalize, params.lambda_)
