@@ -20,7 +20,6 @@ from torch import nn
 
 from ..core.errors import ConfigError
 from ..core.layers import LINEAR, Adapter, adapter_dtype, linear_dims, wide
-from ..core.model import regularizer
 from ..core.registry import MethodConfig, register
 from ..core.resize import resize_rows
 from ..training.allocators import RankAllocator
@@ -177,14 +176,8 @@ class AdaLoraAllocator(RankAllocator):
             self.prune = "end"
 
     def after_backward(self, state):
-        if self.config.orth_reg_weight == 0 or getattr(state.config, "regularizer_weight", 0):
-            return
-        params = [p for a in self.adapters().values() for p in (a.lora_A, a.lora_B) if p.requires_grad]
-        with torch.enable_grad():
-            grads = torch.autograd.grad(regularizer(self.model, self.adapter_name), params, allow_unused=True)
-        for p, g in zip(params, grads):
-            if g is not None:
-                p.grad = g if p.grad is None else p.grad.add_(g)
+        if self.config.orth_reg_weight:
+            self.add_regularizer_gradient(state)
 
     def allocate(self, t, optimizer=None):
         cfg = self.config

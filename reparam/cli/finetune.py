@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=positive_int, default=None, help="evaluate every N steps")
     p.add_argument("--warmup-ratio", type=float, default=0.06, help="linear warm-up fraction (default 0.06)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--regularizer-weight", type=float, default=None,
+                   help="weight of the method's extra loss terms, reparam.regularizer(model), in the loss "
+                        "(default: the method's default_regularizer_weight, 0 if none; pela: 1)")
     p.add_argument("--delta-reg", choices=("none", "l2", "adamr", "adamr_l1"), default="none",
                    help="keep the weights near their start for DARE/DAREx afterwards: l2 penalty or AdamR decay "
                         "(default none)")
@@ -97,6 +100,12 @@ def load_datasets(tokenizer, data, eval_data, max_length, limit=None, eval_limit
     return train_data, dev
 
 
+def regularizer_weight(args) -> float:
+    if args.regularizer_weight is not None:
+        return args.regularizer_weight
+    return getattr(get_method(args.method).adapter_cls, "default_regularizer_weight", 0.0)
+
+
 def run(args) -> int:
     from ..training import TrainConfig, evaluate, train
 
@@ -111,7 +120,7 @@ def run(args) -> int:
     config = build_config(args.method, args.r, args.alpha, args.dropout, args.sets)  # fail fast, before loading
     tcfg = TrainConfig(lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                        warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, delta_reg=args.delta_reg,
-                       delta_reg_strength=args.delta_reg_strength,
+                       delta_reg_strength=args.delta_reg_strength, regularizer_weight=regularizer_weight(args),
                        eval_every=args.eval_every, seed=args.seed, log_path=args.log, progress=not args.quiet)
     tokenizer = load_tokenizer(model_path)
     train_data, dev = load_datasets(tokenizer, args.data, args.eval_data, args.max_length, args.limit,

@@ -126,6 +126,12 @@ def cmd_export(args) -> int:
     num_labels = side.get("num_labels") or adapter_num_labels(tensors, config) or 2
     model = load_classifier(model_path, num_labels=num_labels, model_class=config.get("base_model_class"))
     load_adapter(model, args.adapter_dir, check_base=not args.no_check_base)
+    if args.format == "pela-factorised":
+        from ..adapters.pela import export_factorised
+
+        out = export_factorised(model, args.output, name=config.get("name", "default"))
+        print(f"exported the factorised {config['method']} model ({len(config['modules'])} modules) to {out}")
+        return 0
     out = export_peft(model, args.output, name=config.get("name", "default"))
     print(f"exported {config['method']} adapter ({len(config['modules'])} modules) on {model_path} "
           f"as a PEFT LoRA adapter to {out}")
@@ -168,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write an adapter in another format (PEFT)",
                        description="Load a reparam adapter onto its base model and write it as a PEFT adapter.")
     p.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="reparam adapter directory")
-    p.add_argument("--format", choices=["peft"], default="peft", help="output format (default peft)")
+    p.add_argument("--format", choices=["peft", "pela-factorised"], default="peft",
+                   help="output format (default peft; pela-factorised: a pela adapter's factorised model, "
+                        "reparam.adapters.pela.load_factorised reads it)")
     p.add_argument("--output", "-o", required=True, help="output directory")
     p.add_argument("--model", default=None, help="base model (default: the one finetune recorded, else the "
                                                  "bundled all-MiniLM-L6-v2)")

@@ -77,6 +77,15 @@ class Adapter(nn.Module):
     def delta_weight(self, layer) -> torch.Tensor:
         raise NotImplementedError
 
+    # A method that transforms the weight instead of adding to the output (HUT: W0 ⊙ (1 + s·U V)) sets this and
+    # implements layer_output; as the first unmerged active adapter it then computes the whole output in one
+    # matmul, so the layer's own (discarded) base matmul is skipped. Elsewhere in the stack forward() is used.
+    computes_layer_output = False
+
+    def layer_output(self, layer, x) -> torch.Tensor:
+        """The layer's whole output with this adapter applied (only where computes_layer_output is set)."""
+        raise NotImplementedError
+
     def merge_into(self, layer, weight: torch.Tensor) -> torch.Tensor:
         """Return the merged weight (float32 in, float32 out)."""
         return weight + self.delta_weight(layer)
@@ -85,6 +94,12 @@ class Adapter(nn.Module):
         return weight - self.delta_weight(layer)
 
     def regularizer(self, layer) -> torch.Tensor | None:
+        return None
+
+    @classmethod
+    def model_regularizer(cls, model, name: str) -> torch.Tensor | None:
+        """A model-level loss term of adapter `name` (not per layer), added by reparam.regularizer; e.g. PELA's
+        feature distillation from a teacher forward. None: nothing."""
         return None
 
     def delta_bias(self, layer) -> torch.Tensor | None:
@@ -127,12 +142,13 @@ class AdaptedLayer:
     """Mixin put in front of the original class. Holds `adapters` (ModuleDict) and the switch state."""
 
     def forward(self, x, *args, **kwargs):
-        out = super().forward(x, *args, **kwargs)
-        if self.adapters_disabled:
-            return out
-        for name in self.active_adapters:
-            if name not in self.merged_adapters:
-                out = self.adapters[name](self, x, out)
+        pending = [] if self.adapters_disabled else [n for n in self.active_adapters if n not in self.merged_adapters]
+        if pending and self.adapters[pending[0]].computes_layer_output:
+            out = self.adapters[pending.pop(0)].layer_output(self, x)
+        else:
+            out = super().forward(x, *args, **kwargs)
+        for name in pending:
+            out = self.adapters[name](self, x, out)
         return out
 
     def extra_repr(self) -> str:

@@ -68,7 +68,7 @@ def adapt(model: nn.Module, config: MethodConfig, targets="all-linear", name: st
         raise ConfigError(f"adapter name {name!r} must be non-empty and contain no '.'")
     spec = get_method(config.method)
     matches = resolve_targets(model, targets, exclude)
-    selected = set(config.select_modules([m.name for m in matches]))
+    selected = set(config.select_layers({m.name: m.module for m in matches}))
     matches = [m for m in matches if m.name in selected]
     for m in matches:
         if layer_kind(m.module) not in spec.adapter_cls.supported_kinds:
@@ -190,6 +190,11 @@ def regularizer(model: nn.Module, names=None) -> torch.Tensor:
         if per_layer[0][1] == "mean":
             subtotal = subtotal / len(per_layer)
         total = subtotal if total is None else total + subtotal
+    for n in active_adapters(model):
+        if names is None or n in names:
+            term = get_method(get_record(model, n).config.method).adapter_cls.model_regularizer(model, n)
+            if term is not None:
+                total = term if total is None else total + term
     return total if total is not None else torch.zeros(())
 
 

@@ -46,6 +46,10 @@ class MethodConfig:
         """The targeted module names this method adapts; a method may narrow them (SoMA adapts late blocks only)."""
         return names
 
+    def select_layers(self, layers: dict) -> list[str]:
+        """Like select_modules, given {name: module} for methods that decide by layer shape (PELA skips small heads)."""
+        return self.select_modules(list(layers))
+
     def check(self, condition: bool, field: str, message: str) -> None:
         if not condition:
             raise ConfigError(f"{self.method}: invalid {field}={getattr(self, field)!r}: {message}")

@@ -17,9 +17,24 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from ..core.errors import ConfigError
-from ..core.model import get_record
+from ..core.model import get_record, regularizer
 from .callbacks import Callback
+
+
+def extend_scheduler_groups(scheduler, n_groups: int, lr_lambda_of=None) -> None:
+    """Give a learning-rate scheduler's per-group lists (LambdaLR's lr_lambdas, base_lrs) an entry for each of
+    the first n_groups optimizer parameter groups, after a growing allocator added groups to the optimizer
+    (torch's schedulers read one entry per group and do not grow with the optimizer). A new base LR is the
+    first group's; a new lr_lambda is lr_lambda_of(group index), or the first group's without it. Lists already
+    long enough (e.g. a scheduler built after the groups, on resume) are left as they are."""
+    for name in ("lr_lambdas", "base_lrs"):
+        values = getattr(scheduler, name, None)
+        while values is not None and len(values) < n_groups:
+            own = lr_lambda_of is not None and name == "lr_lambdas"
+            values.append(lr_lambda_of(len(values)) if own else values[0])
 
 
 class RankAllocator(Callback):
@@ -70,12 +85,26 @@ class RankAllocator(Callback):
     def adapters(self) -> dict:
         return {m: layer.adapters[self.adapter_name] for m, layer in self.layers.items()}
 
-    def set_rank_pattern(self, rank_pattern: dict) -> None:
-        """Record a new allocation in a new config object (the one the user passed to adapt is never changed)."""
-        config = dataclasses.replace(self.config, rank_pattern=rank_pattern)
+    def set_rank_pattern(self, rank_pattern: dict, **fields) -> None:
+        """Record a new allocation in a new config object (the one the user passed to adapt is never changed);
+        `fields`: other config fields that describe it (IncreLoRA's reserve_pattern)."""
+        config = dataclasses.replace(self.config, rank_pattern=rank_pattern, **fields)
         get_record(self.model, self.adapter_name).config = config
         for adapter in self.adapters().values():
             adapter.config = config
+
+    def add_regularizer_gradient(self, state) -> None:
+        """Add the gradient of the adapter's extra loss (reparam.regularizer, e.g. an orthogonality term) to the
+        .grad of its trainable parameters, once per optimizer step, unless the loop already adds the regulariser
+        to the loss (TrainConfig.regularizer_weight). A subclass calls it from after_backward."""
+        if getattr(state.config, "regularizer_weight", 0):
+            return
+        params = [p for a in self.adapters().values() for p in a.parameters() if p.requires_grad]
+        with torch.enable_grad():
+            grads = torch.autograd.grad(regularizer(self.model, self.adapter_name), params, allow_unused=True)
+        for p, g in zip(params, grads):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad.add_(g)
 
     def set_total_step(self, total_steps: int) -> None:
         if not isinstance(total_steps, int) or total_steps < 1:

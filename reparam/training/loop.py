@@ -187,6 +187,12 @@ def _split(seq, parts: int):
     return out
 
 
+def _clipped(params: dict, optimizer) -> list:
+    """The parameters trained from the start, then those a growing rank allocator (IncreLoRA) added since."""
+    known = {id(p) for p in params.values()}
+    return list(params.values()) + [p for g in optimizer.param_groups for p in g["params"] if id(p) not in known]
+
+
 def _trainable(model) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
@@ -459,7 +465,7 @@ def train(model: nn.Module, train_data, config: TrainConfig | None = None, eval_
                 step_loss += loss.detach().double() * (w / world)
             call(callbacks, "after_backward", state)
             if config.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(_clipped(params, optimizer), config.max_grad_norm)
             call(callbacks, "before_optimizer_step", state)
             optimizer.step()
             call(callbacks, "after_optimizer_step", state)

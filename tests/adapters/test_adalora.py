@@ -1,9 +1,7 @@
 """AdaLoRA (specs/adapters/adalora.md): the unit-test properties of §12, PEFT parity (forward, regulariser,
 allocation, export), the rank allocator in reparam's loop and in a HF Trainer (physical pruning, optimizer state,
 exact resume, budget log), save/load of the rank pattern, the shared resize helper, errors and the CLI."""
-import copy
 import json
-import math
 
 import pytest
 import torch
@@ -13,18 +11,16 @@ import reparam
 from reparam.adapters.adalora import AdaLoraAllocator, budget
 from reparam.core.model import get_record
 from reparam.core.resize import resize_rows
-from reparam.training import Callback, TrainConfig, method_callbacks, train
-from tests.helpers import MixedKinds, TinyMLP, randomize_adapters
+from reparam.training import Callback, train
+from tests.helpers import (MixedKinds, adapt_tiny_mlp, adapter_params, assert_merge_round_trip, bert_adapted,
+                           kill_and_resume, quiet, randomize_adapters, train_in_hf_trainer)
 from tests.training.tiny import synthetic_data, tiny_bert
 
 MODULES = ["fc1", "fc2"]
 
 
 def adapted(dtype=torch.float32, **fields):
-    torch.manual_seed(0)
-    base = TinyMLP(dtype=dtype)
-    model = reparam.adapt(copy.deepcopy(base), reparam.make_config("adalora", **fields), targets=MODULES)
-    return base, model
+    return adapt_tiny_mlp("adalora", dtype, MODULES, **fields)
 
 
 def ada(model, module):
@@ -41,19 +37,7 @@ def set_scores(allocator, per_module):
 
 
 def bert_adalora(seed=0, **fields):
-    model = tiny_bert(300, seed=seed)
-    torch.manual_seed(seed + 1)
-    fields = {"r": 4, "target_r": 2, "alpha": 8.0, **fields}
-    return reparam.adapt(model, reparam.make_config("adalora", **fields), targets=["query", "value"],
-                         modules_to_save=["classifier"])
-
-
-def quiet(**kw):
-    return TrainConfig(**{"lr": 5e-3, "batch_size": 8, "progress": False, "log_every": 1, "seed": 0, **kw})
-
-
-def adapter_params(model):
-    return {n: p for n, p in model.named_parameters() if ".adapters." in n}
+    return bert_adapted("adalora", seed, **{"r": 4, "target_r": 2, "alpha": 8.0, **fields})
 
 
 # --- §12.1 identity at init -----------------------------------------------------------------------------------
@@ -208,12 +192,7 @@ def test_merge_closed_form_and_round_trip():
     torch.testing.assert_close(a.delta_weight(model.fc1) + base.fc1.weight, expected, atol=1e-12, rtol=0)
     _, model = adapted(r=3)
     randomize_adapters(model)
-    x = torch.randn(6, 16)
-    unmerged = model(x)
-    reparam.merge(model)
-    torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=0)
-    reparam.unmerge(model)
-    torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=0)
+    assert_merge_round_trip(model, torch.randn(6, 16))
     torch.manual_seed(0)
     mixed = MixedKinds()  # proj is a HF Conv1D: weight stored d_in x d_out
     reparam.adapt(mixed, reparam.make_config("adalora", r=3), targets=["proj", "lin"])
@@ -327,15 +306,6 @@ def test_allocation_equals_peft_rank_allocator():
 
 # --- the allocator in training --------------------------------------------------------------------------------
 
-class Crash(Callback):
-    def __init__(self, at):
-        self.at = at
-
-    def on_step_begin(self, state):
-        if state.global_step == self.at:
-            raise KeyboardInterrupt(f"killed at step {state.global_step}")
-
-
 def test_training_prunes_physically_and_logs_the_budget(tmp_path):
     model = bert_adalora(tinit=2, tfinal=3, deltaT=1)
     data = synthetic_data(40)
@@ -380,20 +350,11 @@ def test_save_load_restores_ranks_and_export_matches_peft(tmp_path):
 def test_kill_and_resume_is_bit_exact(tmp_path, crash_at):
     data = synthetic_data(40)
     kw = dict(max_steps=14, regularizer_weight=0.0, weight_decay=0.01)
-    fields = dict(tinit=2, tfinal=4, deltaT=2)
-    ref = bert_adalora(**fields)
-    r_ref = train(ref, data, quiet(**kw), callbacks=[Crash(None)])
     ck = tmp_path / "ck"
-    with pytest.raises(KeyboardInterrupt):
-        train(bert_adalora(**fields), data, quiet(checkpoint_dir=str(ck), checkpoint_every=4, **kw),
-              callbacks=[Crash(crash_at)])
-    resumed = bert_adalora(**fields)
-    r = train(resumed, data, quiet(checkpoint_dir=str(ck), resume=True, **kw), callbacks=[Crash(None)])
-    assert r.resumed_from_step == 4 * (crash_at // 4)
+    ref, r_ref, resumed, r = kill_and_resume(lambda: bert_adalora(tinit=2, tfinal=4, deltaT=2), data, ck, crash_at, 4,
+                                             **kw)  # asserts the resume step and bit-equal adapter parameters
     saved = torch.load(ck / f"checkpoint-{r.resumed_from_step:08d}" / "state.pt", weights_only=True)["callbacks"][1]
     assert bool(saved["rank_pattern"]) == (crash_at > 10)  # the later checkpoint holds the pruned shapes
-    a, b = adapter_params(ref), adapter_params(resumed)
-    assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
     assert get_record(ref, "default").config.rank_pattern == get_record(resumed, "default").config.rank_pattern
     assert [h for h in r.history if "rank_budget" in h] == [h for h in r_ref.history if "rank_budget" in h]
 
@@ -415,21 +376,9 @@ def test_prune_modes_every_and_end():
 
 
 def test_allocator_runs_inside_hf_trainer(tmp_path):
-    from transformers import Trainer, TrainingArguments
-
-    from reparam.training import HFTrainerCallback
-
     model = bert_adalora(tinit=1, tfinal=2)
-    data = synthetic_data(48)
-    rows = [{"row": i} for i in range(len(data))]
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=8, learning_rate=5e-3,
-                             use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
-                             dataloader_num_workers=0, remove_unused_columns=False)
-    bridge = HFTrainerCallback(method_callbacks(model))
+    trainer, bridge = train_in_hf_trainer(model, tmp_path)
     assert [type(c) for c in bridge.callbacks] == [AdaLoraAllocator]
-    trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[bridge],
-                      data_collator=lambda feats: data.collate([f["row"] for f in feats]))
-    trainer.train()
     assert sum(p.numel() for n, p in adapter_params(model).items() if "lora_E" in n) == 8
     assert [h["rank_budget"] for h in bridge.history if "rank_budget" in h][-1] == 8
     opt = trainer.optimizer

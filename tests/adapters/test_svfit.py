@@ -9,23 +9,16 @@ import reparam
 from reparam.adapters.svfit import energy_rank
 from reparam.core import svd as svd_mod
 from reparam.io.files import read_safetensors
-from tests.helpers import MixedKinds, TinyMLP
+from tests.helpers import MixedKinds, TinyMLP, adapt_tiny_mlp, randomize_adapters
 
 
 def adapted(dtype=torch.float32, targets=("fc1", "fc2"), **fields):
-    torch.manual_seed(0)
-    base = TinyMLP(dtype=dtype)
-    model = reparam.adapt(copy.deepcopy(base), reparam.make_config("svfit", **fields), targets=list(targets))
-    return base, model
+    return adapt_tiny_mlp("svfit", dtype, targets, **fields)
 
 
 def perturb_sigma(model, std=0.3, seed=0):
     """Move every trainable σ̂ (or δ) away from its start (σ̂ = σ_r at init hides bugs)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".adapters." in name:
-                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+    randomize_adapters(model, std=std, seed=seed)
 
 
 def count_svds(monkeypatch):
