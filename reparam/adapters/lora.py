@@ -8,8 +8,10 @@ original checkpoint and exports to PEFT as a rank-2r LoRA on W0 (lora.md §2.3).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +32,23 @@ class LoraConfig(MethodConfig):
     dropout: float = 0.0
     use_rslora: bool = False
     init: str = "default"  # "default" | "gaussian" | "pissa" | "pissa_niter_<k>"
+    # Per-module r / alpha as PEFT's rank_pattern / alpha_pattern: {module-name regex: value}, first match wins
+    # (see pattern_value). Named r_pattern because `rank_pattern` marks rank-allocator configs (cli/ranks.py).
+    r_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.check(isinstance(self.r, int) and self.r > 0, "r", "must be a positive integer")
+        for name, valid in (("r_pattern", lambda v: isinstance(v, int) and v > 0),
+                            ("alpha_pattern", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))):
+            patterns = getattr(self, name)
+            self.check(isinstance(patterns, dict) and all(isinstance(k, str) and valid(v) for k, v in patterns.items()),
+                       name, "must map module-name patterns to " + ("positive integers" if name == "r_pattern" else "numbers"))
+            for k in patterns:
+                try:
+                    re.compile(k)
+                except re.error as e:
+                    self.check(False, name, f"key {k!r} is not a regular expression ({e})")
         self.check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         self.check(self.init in ("default", "gaussian", "pissa") or self.init.startswith("pissa_niter_")
                    and self.init[12:].isdigit(), "init", "must be default, gaussian, pissa or pissa_niter_<k>")
@@ -40,6 +56,21 @@ class LoraConfig(MethodConfig):
     @property
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def for_module(self, module_name: str) -> "LoraConfig":
+        """This config with the r and alpha that r_pattern / alpha_pattern give `module_name`."""
+        r = int(pattern_value(self.r_pattern, module_name, self.r))
+        alpha = float(pattern_value(self.alpha_pattern, module_name, self.alpha))
+        return self if (r, alpha) == (self.r, self.alpha) else dataclasses.replace(self, r=r, alpha=alpha)
+
+
+def pattern_value(patterns: dict, module_name: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup (get_pattern_key): the value of the first key k that matches
+    the whole name or a dotted suffix of it, i.e. re.match(r'(.*\\.)?(k)$', name); `default` if none does."""
+    for k, v in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({k})$", module_name):
+            return v
+    return default
 
 
 @dataclass
@@ -61,6 +92,8 @@ class LoraAdapter(Adapter):
     supported_kinds = (LINEAR, CONV, EMBEDDING)
 
     def __init__(self, layer, config: LoraConfig, init: bool = True):
+        if isinstance(config, LoraConfig):  # per-module r / alpha (SoMA passes its own per-module config)
+            config = config.for_module(layer.reparam_name)
         super().__init__(layer, config)
         self.kind = layer_kind(layer)
         self.scale = config.scale

@@ -6,6 +6,7 @@ PEFT's keys are `base_model.model.<module>.lora_A.weight` / `.lora_B.weight` (Li
 A PiSSA adapter exports as the rank-2r LoRA on the original W0 of lora.md §2.3. Any other method whose
 adapter has `peft_lora_factors(layer) -> (A, B)` (its update on the original W0 as B A at scale 1, e.g. SVFit)
 exports as a LoRA with alpha = r, per-module ranks in rank_pattern / alpha_pattern.
+Imported rank_pattern / alpha_pattern become LoraConfig.r_pattern / alpha_pattern (same matching as PEFT).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.errors import AdapterFileError
+from ..core.errors import AdapterFileError, ConfigError
 from ..core.layers import EMBEDDING, is_fan_in_fan_out
 from ..core.model import adapt, delete_adapter, get_record
 from ..core.registry import get_method
@@ -47,6 +48,11 @@ def task_type_of(cls: str | None) -> str | None:
     return None
 
 
+def _pissa_alpha_factor(cfg) -> float:
+    """α' / α of PiSSA's rank-2r export: s = α/r (or α/√r) unchanged at twice the rank."""
+    return math.sqrt(2) if getattr(cfg, "use_rslora", False) else 2
+
+
 def export_peft(model: nn.Module, directory, name: str = "default") -> Path:
     """Write adapter `name` in PEFT's LoRA format; peft.PeftModel.from_pretrained gives the same logits."""
     rec = get_record(model, name)
@@ -56,7 +62,7 @@ def export_peft(model: nn.Module, directory, name: str = "default") -> Path:
     cfg = rec.config
     modules = dict(model.named_modules())
     tensors, pissa, fan_in_fan_out, ranks = {}, False, False, {}
-    pissa_ranks, biases = {}, {}
+    module_r, module_alpha, biases = {}, {}, {}  # non-factored: each module's exported (r, alpha)
     for m in rec.modules:
         layer = modules[m]
         adapter = layer.adapters[name]
@@ -65,11 +71,13 @@ def export_peft(model: nn.Module, directory, name: str = "default") -> Path:
         if factored:  # ΔW on W0 = B A at scale 1; the rank may differ per module
             A, B = adapter.peft_lora_factors(layer)
             state, ranks[m] = {"lora_A": A, "lora_B": B}, A.shape[0]
-        elif adapter.pissa:  # W_res + s·BA = W0 + s·(BA − B0A0): a rank-2r LoRA on W0
+        else:  # the adapter's config has the module's own r and alpha (r_pattern / alpha_pattern resolved)
+            module_r[m], module_alpha[m] = adapter.config.r, adapter.config.alpha
+        if not factored and adapter.pissa:  # W_res + s·BA = W0 + s·(BA − B0A0): a rank-2r LoRA on W0
             pissa = True
             state["lora_A"] = torch.cat([adapter.lora_A, -adapter.lora_A0], 0)
             state["lora_B"] = torch.cat([adapter.lora_B, adapter.lora_B0], 1)
-            pissa_ranks[m] = state["lora_A"].shape[0]
+            module_r[m], module_alpha[m] = 2 * module_r[m], module_alpha[m] * _pissa_alpha_factor(cfg)
         bias = adapter.delta_bias(layer)
         if bias is not None:  # PEFT's lora_bias: lora_B's bias, which PEFT scales by s like B A
             biases[m] = bias.detach() / (1.0 if factored else adapter.scale)
@@ -82,11 +90,12 @@ def export_peft(model: nn.Module, directory, name: str = "default") -> Path:
     for m in rec.modules_to_save:
         for k, v in modules[m].state_dict().items():
             tensors[f"{PREFIX}{m}.{k}"] = v
-    r, alpha, rank_pattern = getattr(cfg, "r", None), getattr(cfg, "alpha", None), {}
+    r, alpha = getattr(cfg, "r", None), getattr(cfg, "alpha", None)
     if pissa:  # keep the scale s with twice the rank; modules of another rank (SoMA's rank_ramp) keep s = α/r too
-        r, alpha = 2 * cfg.r, cfg.alpha * (math.sqrt(2) if getattr(cfg, "use_rslora", False) else 2)
-        rank_pattern = {re.escape(m): k for m, k in pissa_ranks.items() if k != r}
-    alpha_pattern = {}
+        r, alpha = 2 * cfg.r, cfg.alpha * _pissa_alpha_factor(cfg)
+    # Modules whose r / alpha differ from the global ones (r_pattern, SoMA's rank_ramp): exact-name patterns.
+    rank_pattern = {re.escape(m): k for m, k in module_r.items() if k != r}
+    alpha_pattern = {re.escape(m): a for m, a in module_alpha.items() if a != alpha}
     if ranks:  # scale 1 = alpha / r: the most common rank is r, the others go in the patterns (exact names)
         r = alpha = max(sorted(set(ranks.values())), key=list(ranks.values()).count)
         rank_pattern = alpha_pattern = {re.escape(m): k for m, k in ranks.items() if k != r}
@@ -114,9 +123,6 @@ def import_peft(model: nn.Module, directory, name: str = "default") -> nn.Module
     peft_cfg = read_json(cfg_path)
     if peft_cfg.get("peft_type") != "LORA":
         raise AdapterFileError(f"{cfg_path}: peft_type {peft_cfg.get('peft_type')!r} is not supported (only LORA)")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if peft_cfg.get(key):
-            raise AdapterFileError(f"{cfg_path}: per-module {key} is not supported yet")
     if peft_cfg.get("lora_bias") or peft_cfg.get("bias", "none") != "none":
         raise AdapterFileError(f"{cfg_path}: LoRA biases (bias={peft_cfg.get('bias')!r}) are not supported")
     for key in ("r", "lora_alpha", "target_modules"):
@@ -124,9 +130,14 @@ def import_peft(model: nn.Module, directory, name: str = "default") -> nn.Module
             raise AdapterFileError(f"{cfg_path}: missing {key!r}")
     tensors, _ = read_safetensors(weights_path)
     method = "dora" if peft_cfg.get("use_dora") else "lora"
-    config = get_method(method).config_cls(r=int(peft_cfg["r"]), alpha=float(peft_cfg["lora_alpha"]),
-                                           dropout=float(peft_cfg.get("lora_dropout") or 0.0),
-                                           use_rslora=bool(peft_cfg.get("use_rslora", False)))
+    try:  # rank_pattern / alpha_pattern: per-module r / alpha, matched as PEFT matches them (lora.pattern_value)
+        config = get_method(method).config_cls(r=int(peft_cfg["r"]), alpha=float(peft_cfg["lora_alpha"]),
+                                               dropout=float(peft_cfg.get("lora_dropout") or 0.0),
+                                               use_rslora=bool(peft_cfg.get("use_rslora", False)),
+                                               r_pattern=dict(peft_cfg.get("rank_pattern") or {}),
+                                               alpha_pattern=dict(peft_cfg.get("alpha_pattern") or {}))
+    except ConfigError as e:
+        raise AdapterFileError(f"{cfg_path}: {e}") from None
     targets = peft_cfg["target_modules"]
     targets = "re:" + targets if isinstance(targets, str) else targets  # PEFT: a string is a full-name regex
     # PEFT keeps modules_to_save out of the adapted set and saves them whole.

@@ -24,7 +24,6 @@ embeddings); a square weight follows PEFT's ``fan_in_fan_out``, or for reparam t
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import torch
 from safetensors import safe_open
 
 from ..adapters.lora import LoraConfig
+from ..adapters.lora import pattern_value as peft_pattern_value  # PEFT's rank/alpha_pattern lookup
 from ..core.errors import AdapterFileError, BaseModelMismatch, ReparamError
 from ..core.layers import CONV, EMBEDDING, LINEAR, wide
 from ..core.model import weight_fingerprint
@@ -110,14 +110,6 @@ def prefix_rule(modules: list[str], base_keys: set[str]) -> tuple[str, str]:
     suffix = f".{m}.weight"
     rules += [("", k[:len(k) - len(suffix) + 1]) for k in sorted(base_keys) if k.endswith(suffix)]
     return max(rules, key=lambda rule: sum(f"{_rename(rule, x)}.weight" in base_keys for x in modules))
-
-
-def peft_pattern_value(patterns: dict, module: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup: the first key k with re.match(r'(.*\\.)?(k)$', module)."""
-    for k, v in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({k})$", module):
-            return v
-    return default
 
 
 class AdapterSource(Source):

@@ -112,3 +112,59 @@ def test_import_rejects_other_peft_types(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{broken")
     with pytest.raises(reparam.AdapterFileError, match="adapter_config.json: not valid JSON"):
         reparam.import_peft(torch.nn.Linear(2, 2), tmp_path)
+
+
+def test_import_rank_and_alpha_patterns_written_by_peft(bert, ids, tmp_path):
+    # Suffix pattern, full-name regex and a plain module name, as PEFT matches them (first matching key wins).
+    rank_pattern = {"value": 2, r"bert\.encoder\.layer\.1\..*query": 6}
+    alpha_pattern = {"bert.encoder.layer.0.attention.self.query": 3.0, "value": 10}
+    cfg = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["query", "value"], task_type="SEQ_CLS", rank_pattern=rank_pattern,
+                          alpha_pattern=alpha_pattern)
+    torch.manual_seed(4)
+    pm = peft.get_peft_model(copy.deepcopy(bert), cfg)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.add_(torch.randn_like(p) * 0.05)
+    theirs = pm.eval()(input_ids=ids).logits
+    pm.save_pretrained(tmp_path / "peft")
+    model = reparam.import_peft(copy.deepcopy(bert), tmp_path / "peft")
+    torch.testing.assert_close(model(input_ids=ids).logits, theirs, atol=1e-5, rtol=0)
+    layers = dict(model.named_modules())
+    for m in model.reparam_adapters["default"].modules:  # each module has PEFT's rank and scale
+        ref = dict(pm.named_modules())["base_model.model." + m]
+        ours = layers[m].adapters["default"]
+        assert ours.lora_A.shape == ref.lora_A["default"].weight.shape and ours.scale == ref.scaling["default"]
+    assert {layers[f"bert.encoder.layer.{i}.attention.self.{k}"].adapters["default"].lora_A.shape[0]
+            for i in (0, 1) for k in ("query", "value")} == {2, 4, 6}
+    reparam.save_adapter(model, tmp_path / "ours")
+    loaded = reparam.load_adapter(copy.deepcopy(bert), tmp_path / "ours")
+    torch.testing.assert_close(loaded(input_ids=ids).logits, theirs, atol=1e-5, rtol=0)
+    reparam.export_peft(loaded, tmp_path / "again")  # and back to PEFT with the same per-module ranks / alphas
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(bert), tmp_path / "again").eval()
+    torch.testing.assert_close(again(input_ids=ids).logits, theirs, atol=1e-5, rtol=0)
+
+
+def test_adalora_export_round_trips_through_import(tmp_path):
+    from reparam.training import train
+    from tests.helpers import bert_adapted, quiet
+    from tests.training.tiny import synthetic_data, tiny_bert
+
+    model = bert_adapted("adalora", 0, r=4, target_r=2, alpha=8.0, tinit=1, tfinal=2, target_total_rank=5)
+    train(model, synthetic_data(24), quiet(max_steps=8))
+    ids = torch.randint(1, 300, (2, 9), generator=torch.Generator().manual_seed(3))
+    ours = model.eval()(input_ids=ids).logits
+    reparam.export_peft(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["rank_pattern"]  # the allocation left modules at different ranks
+    back = reparam.import_peft(tiny_bert(300), tmp_path).eval()
+    torch.testing.assert_close(back(input_ids=ids).logits, ours, atol=1e-5, rtol=0)
+
+
+def test_bad_rank_pattern_names_the_file(bert, tmp_path):
+    pm = peft.get_peft_model(copy.deepcopy(bert), peft.LoraConfig(r=2, target_modules=["query"]))
+    pm.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "rank_pattern": {"query(": 2}}))
+    with pytest.raises(reparam.AdapterFileError, match=r"adapter_config.json: .*r_pattern.*'query\('"):
+        reparam.import_peft(copy.deepcopy(bert), tmp_path)
