@@ -99,8 +99,13 @@ def export_peft(model: nn.Module, directory, name: str = "default") -> Path:
     if ranks:  # scale 1 = alpha / r: the most common rank is r, the others go in the patterns (exact names)
         r = alpha = max(sorted(set(ranks.values())), key=list(ranks.values()).count)
         rank_pattern = alpha_pattern = {re.escape(m): k for m, k in ranks.items() if k != r}
+    task_type = task_type_of(type(model).__name__)
+    if task_type == "SEQ_CLS" and not rec.modules_to_save:
+        # PEFT's SEQ_CLS adds the classifier to modules_to_save and then expects its weights in the file; an
+        # adapter that left the head untouched loads as a plain PeftModel instead (same forward).
+        task_type = None
     config = {
-        "peft_type": "LORA", "task_type": task_type_of(type(model).__name__), "r": r, "lora_alpha": alpha,
+        "peft_type": "LORA", "task_type": task_type, "r": r, "lora_alpha": alpha,
         "lora_dropout": getattr(cfg, "dropout", 0.0), "use_rslora": getattr(cfg, "use_rslora", False),
         "use_dora": cfg.method == "dora",
         "target_modules": rec.modules, "modules_to_save": rec.modules_to_save or None,

@@ -52,6 +52,17 @@ def test_export_loads_in_peft_with_same_logits(bert, ids, method, tmp_path):
         assert cfg["r"] == 8 and cfg["lora_alpha"] == 16  # rank 2r on the original W0, same scale
 
 
+def test_export_without_saved_head_loads_in_peft(bert, ids, tmp_path):
+    """No modules_to_save: PEFT must not look for classifier weights in the file (task_type left unset)."""
+    model = reparam.adapt(copy.deepcopy(bert), reparam.LoraConfig(r=4, alpha=8), targets=["query", "value"])
+    randomize_adapters(model, std=0.05)
+    ours = model(input_ids=ids).logits
+    reparam.export_peft(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["task_type"] is None
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(bert), tmp_path).eval()(input_ids=ids).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("kwargs", [dict(), dict(use_rslora=True), dict(use_dora=True), dict(init_lora_weights="gaussian")])
 def test_import_adapter_written_by_peft(bert, ids, kwargs, tmp_path):
     cfg = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["query", "key", "dense"], task_type="SEQ_CLS", **kwargs)
