@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 
-def _cut(t: torch.Tensor, dim: int, keep: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+def cut_rows(t: torch.Tensor, dim: int, keep: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+    """Slices `keep` of `t` along `dim`, then `extra` appended (None: nothing)."""
     kept = t.index_select(dim, keep.to(t.device))
     return kept if extra is None else torch.cat([kept, extra.to(device=t.device, dtype=t.dtype)], dim)
 
@@ -42,10 +43,13 @@ def resize_rows(param: nn.Parameter, dim: int, keep, new: torch.Tensor | None = 
     keep = torch.as_tensor(keep, dtype=torch.long).reshape(-1)
     old_shape = param.shape
     zeros = None if new is None else torch.zeros_like(new)
-    _replace_data(param, _cut(param.data, dim, keep, new))
+    _replace_data(param, cut_rows(param.data, dim, keep, new))
     if param.grad is not None:
-        param.grad = _cut(param.grad, dim, keep, zeros)
+        param.grad = cut_rows(param.grad, dim, keep, zeros)
     state = optimizer.state.get(param) if optimizer is not None else None
     for key, value in (state or {}).items():
         if torch.is_tensor(value) and value.shape == old_shape and value.dim() > 0:
-            state[key] = _cut(value, dim, keep, zeros)
+            state[key] = cut_rows(value, dim, keep, zeros)
+    # Per-parameter state kept outside the optimizer (e.g. DeltaL2's theta_0) registers a callback here.
+    for on_resize in getattr(param, "reparam_on_resize", ()):
+        on_resize(dim, keep, new)

@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from ..core.resize import cut_rows
 from .callbacks import Callback
 
 DELTA_REGS = ("none", "l2", "adamr", "adamr_l1")
@@ -87,6 +88,13 @@ class DeltaL2(Callback):
         self.params = params
         self.strength = strength
         self.theta0 = {n: p.detach().clone() for n, p in params.items()}
+        for name, p in params.items():  # a rank allocator resizing p (core/resize.py) cuts theta_0 the same way
+            p.reparam_on_resize = [*getattr(p, "reparam_on_resize", ()), self._resize_hook(name)]
+
+    def _resize_hook(self, name: str):
+        def on_resize(dim, keep, new):  # new rows are regularised toward their initial value
+            self.theta0[name] = cut_rows(self.theta0[name], dim, keep, new)
+        return on_resize
 
     @torch.no_grad()
     def after_backward(self, state) -> None:

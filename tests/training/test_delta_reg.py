@@ -164,3 +164,21 @@ def test_config_errors_and_cli_flags(capsys):
     code = main(["finetune", "--delta-reg", "adamr", "--weight-decay", "0.1", "-o", "unused"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("reparam: error: ") and "delta_reg_strength" in err
+
+
+def test_delta_l2_theta0_follows_a_resized_parameter():
+    """A rank allocator removing rows (core/resize.py) must cut DeltaL2's theta_0 the same way, and appended
+    rows are pulled toward their own initial value."""
+    from reparam.core.resize import resize_rows
+    from reparam.training.delta_reg import DeltaL2
+
+    p = torch.nn.Parameter(torch.arange(12.0).reshape(4, 3))
+    reg = DeltaL2({"w": p}, strength=0.5)
+    with torch.no_grad():
+        p.add_(1.0)
+    new_row = torch.full((1, 3), 7.0)
+    resize_rows(p, 0, [3, 1], new=new_row)
+    assert torch.equal(reg.theta0["w"], torch.cat([torch.arange(12.0).reshape(4, 3)[[3, 1]], new_row]))
+    p.grad = None
+    reg.after_backward(None)
+    assert torch.equal(p.grad, torch.tensor([[0.5] * 3, [0.5] * 3, [0.0] * 3]))
