@@ -199,7 +199,7 @@ def run_one(task, variant, seed, quick, tokenizer, model_path, device="cpu", lim
 
 def table(results, tasks, variants):
     lines = ["| variant | budget | trainable | " + " | ".join(f"{t} ({TASKS[t][5]})" for t in tasks)
-             + " | avg | file KB | setup s | train s/run |", "|---" * (len(tasks) + 7) + "|"]
+             + " | avg | file KB | setup s | train s/run | ran on |", "|---" * (len(tasks) + 8) + "|"]
     group = None
     for v in variants:
         rows = [r for r in results if r["variant"] == v and "score" in r]
@@ -207,7 +207,7 @@ def table(results, tasks, variants):
             continue
         if VARIANTS[v].group != group:
             group = VARIANTS[v].group
-            lines.append(f"| *{group}* |" + " |" * (len(tasks) + 6))
+            lines.append(f"| *{group}* |" + " |" * (len(tasks) + 7))
         cells, means = [], []
         for t in tasks:
             scores = [r["score"] for r in rows if r["task"] == t]
@@ -225,8 +225,9 @@ def table(results, tasks, variants):
         size = f"{statistics.mean(sizes) / 1024:,.0f}" if sizes else "-"
         setup = statistics.mean(r.get("setup_seconds", 0.0) for r in rows)
         secs = statistics.mean(r["train_seconds"] for r in rows)
+        ran_on = "+".join(sorted({r.get("device", "cpu").split()[-1] for r in rows}))
         lines.append(f"| {v} | {VARIANTS[v].budget} | {trainable} | " + " | ".join(cells)
-                     + f" | {avg} | {size} | {setup:.1f} | {secs:.0f} |")
+                     + f" | {avg} | {size} | {setup:.1f} | {secs:.0f} | {ran_on} |")
     return "\n".join(lines)
 
 
@@ -296,8 +297,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     stem = "glue_smoke" if args.limit else "glue_quick" if args.quick else "glue"
     done = json.loads((out / f"{stem}.json").read_text())["results"] if args.resume and (out / f"{stem}.json").exists() else []
-    results = [r for r in done if r["task"] in tasks and r["variant"] in variants and r["seed"] in seeds
-               and "error" not in r]  # failed runs are tried again
+    # every earlier run stays in the file (a --variants subset must not drop the others); failed ones are retried
+    results = [r for r in done if "error" not in r and r["variant"] in VARIANTS and r["task"] in TASKS]
     have = {(r["task"], r["variant"], r["seed"]) for r in results}
     # seed-major order, so a run cut short by --deadline still has every row at seed 0
     jobs = [(t, v, s) for s in seeds for v in variants for t in tasks if (t, v, s) not in have]
@@ -352,6 +353,8 @@ def main(argv=None):
 
 
 def write_results(out, stem, results, tasks, variants, args, seconds):
+    tasks = [t for t in TASKS if t in tasks or any(r["task"] == t for r in results)]
+    variants = [v for v in VARIANTS if v in variants or any(r["variant"] == v for r in results)]
     ok = [r for r in results if "error" not in r]
     n_seeds = len({r["seed"] for r in ok})
     devices = sorted({r.get("device", "cpu") for r in ok})

@@ -258,6 +258,13 @@ class AdaLoraAllocator(RankAllocator):
         self.set_rank_pattern(pattern)
 
     def on_train_end(self, state):
+        if not self.final and state.global_step >= self.total_steps:
+            # t_f = 0 puts t = T − t_f after the last step (indices run 0..T−1), so the final allocation happens
+            # here; otherwise the adapter would end training still storing (masked) triplets beyond the budget.
+            self.mask_to_budget(self.budgets()[1], state.optimizer)
+            self.final, self.scores = True, {}
+            if self.prune == "final":
+                self.remove_masked(state.optimizer)
         if self.final and self.prune == "end":
             self.remove_masked(state.optimizer)
 

@@ -102,7 +102,7 @@ class IncreLoraAdapter(Adapter):
     def __init__(self, layer, config: IncreLoraConfig, init: bool = True):
         super().__init__(layer, config)
         self.d_in, self.d_out = linear_dims(layer)
-        self.factory = dict(dtype=adapter_dtype(layer), device=layer.weight.device)
+        self._factory = dict(dtype=adapter_dtype(layer), device=layer.weight.device)
         self.lora_A, self.lora_E, self.lora_B = nn.ParameterList(), nn.ParameterList(), nn.ParameterList()  # Q λ P
         self.r_num = config.rank_pattern.get(layer.reparam_name, config.init_r)
         self.n_active = 1 + self.r_num - config.init_r  # active list entries
@@ -111,6 +111,12 @@ class IncreLoraAdapter(Adapter):
             self.add_components(1, init, lam=0.0)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
         self.score_grad = None  # G = ∂L/∂ΔW summed over the step's backward passes, while the allocator scores
+
+    @property
+    def factory(self) -> dict:
+        """dtype and device for grown components: those of the existing ones, so growth follows model.to(...)."""
+        first = next(iter(self.lora_A), None)
+        return self._factory if first is None else dict(dtype=first.dtype, device=first.device)
 
     @property
     def scale(self) -> float:

@@ -85,7 +85,8 @@ class SpielAdapter(Adapter):
 
     def restore(self, layer):
         """(Re)build the CSR structures of scatter(δ, η): after init, a load or a reselection."""
-        self.positions = self.index.long()
+        # a buffer (not saved), so it follows model.to(device) like the index it is derived from
+        self.register_buffer("positions", self.index.long(), persistent=False)
         dense = len(self.index) > sara.SPARSE_KERNEL_MAX_DENSITY * layer.weight.numel()
         self.pattern = None if dense else sara.LinearPattern(layer, self.positions)
 

@@ -108,7 +108,7 @@ class TriAdaptLoraAdapter(Adapter):
     def __init__(self, layer, config: TriAdaptLoraConfig, init: bool = True):
         super().__init__(layer, config)
         self.d_in, self.d_out = linear_dims(layer)
-        self.factory = dict(dtype=adapter_dtype(layer), device=layer.weight.device)
+        self._factory = dict(dtype=adapter_dtype(layer), device=layer.weight.device)
         for name in BLOCK_LISTS:
             setattr(self, name, nn.ParameterList())
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
@@ -117,6 +117,12 @@ class TriAdaptLoraAdapter(Adapter):
             # reference init (§4): only the first A is random, everything else zero
             self.add_block(a, random_A=init and (config.init_mode == "recommended" or j == 0),
                            random_B=init and config.init_mode == "recommended")
+
+    @property
+    def factory(self) -> dict:
+        """dtype and device for grown components: those of the existing ones, so growth follows model.to(...)."""
+        first = next(iter(self.lora_A), None)
+        return self._factory if first is None else dict(dtype=first.dtype, device=first.device)
 
     @property
     def rank(self) -> int:

@@ -359,6 +359,16 @@ def test_kill_and_resume_is_bit_exact(tmp_path, crash_at):
     assert [h for h in r.history if "rank_budget" in h] == [h for h in r_ref.history if "rank_budget" in h]
 
 
+def test_tfinal_zero_prunes_to_the_final_budget_when_training_ends():
+    # with t_f = 0 the final allocation t = T falls after the last step index T − 1: it happens at train end
+    model = bert_adalora(tinit=1, tfinal=0, deltaT=1)
+    n_before = reparam.trainable_summary(model).trainable
+    train(model, synthetic_data(40), quiet(max_steps=6))
+    ranks = {m: int(sum(v)) for m, v in get_record(model, "default").config.rank_pattern.items()}
+    assert sum(ranks.values()) == 2 * 4
+    assert reparam.trainable_summary(model).trainable == n_before - 8 * (32 + 32 + 1)
+
+
 def test_prune_modes_every_and_end():
     data = synthetic_data(24)
     every = bert_adalora(tinit=1, tfinal=2, prune="every")
