@@ -104,7 +104,7 @@ def build_plan(spec: MethodSpec, base: Source | None, inputs: Sequence[Source], 
         raise MergeConfigError(f"merge_method {spec.name!r} takes {want} model(s) besides the base model, got {n}")
     ref = base if base is not None else inputs[0]
     sources = ([base] if base is not None else []) + list(inputs)
-    ref_keys = sorted(ref.keys())
+    ref_keys = sorted(ref.keys(), key=ref.order_key)  # file by file: each input file is closed when done
     ref_set = set(ref_keys)
     key_sets = [set(src.keys()) for src in sources]
     problems: list[str] = []
@@ -179,6 +179,7 @@ def build_plan(spec: MethodSpec, base: Source | None, inputs: Sequence[Source], 
                                        f"model) but only one of them is merged: exclude both or neither")
             plans[i] = dataclasses.replace(primary, key=kp.key, merge=False, tied_to=primary.key)
             truncated.pop(kp.key, None)
+    plans.sort(key=lambda kp: kp.tied_to is not None)  # stable: a tied copy comes after the key it copies
     if on_mismatch == "skip":
         skip_warning(skipped, sorted(set().union(*key_sets) - ref_set), ref)
     if truncated:

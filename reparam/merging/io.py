@@ -48,6 +48,10 @@ class Source:
     def close(self) -> None: ...
     folder: Path | None = None
 
+    def order_key(self, key: str):
+        """Sort key that visits tensors file by file (see SafetensorsSource), so finished files can be closed."""
+        return (0, key)
+
 
 class DictSource(Source):
     """An in-memory state dict seen through the :class:`Source` interface."""
@@ -82,7 +86,10 @@ class SafetensorsSource(Source):
         self.name = str(path)
         self.folder = self.path if self.path.is_dir() else None
         files = self._resolve()
+        self._file_index = {f: i for i, f in enumerate(files)}
         self._handles = {}
+        self._read: dict[Path, set[str]] = {}  # keys read from each open file since it was (re)opened
+        self._count: dict[Path, int] = {}
         self._file_of: dict[str, Path] = {}
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         for f in files:
@@ -97,6 +104,7 @@ class SafetensorsSource(Source):
                     raise MergeValidationError(f"{f}: tensor {k!r} has unsupported dtype {st}")
                 self._file_of[k] = f
                 self._meta[k] = (tuple(sl.get_shape()), ST_DTYPES[st])
+            self._count[f] = len(h.keys())
 
     def _resolve(self) -> list[Path]:
         p = self.path
@@ -148,11 +156,24 @@ class SafetensorsSource(Source):
     def where(self, key):
         return str(self._file_of[key])
 
+    def order_key(self, key):
+        return (self._file_index[self._file_of[key]], key)
+
     def get(self, key):
-        return self._handles[self._file_of[key]].get_tensor(key)
+        f = self._file_of[key]
+        h = self._handles.get(f) or self._open(f)
+        t = h.get_tensor(key)
+        read = self._read.setdefault(f, set())
+        read.add(key)
+        if len(read) == self._count[f]:
+            # Every tensor of this file has been read: unmap it, so its pages leave the process's resident set
+            # (visiting keys file by file keeps one mapped file per model). A later pass reopens it.
+            del self._handles[f], self._read[f]
+        return t
 
     def close(self):
         self._handles.clear()
+        self._read.clear()
 
 
 def open_source(path: str | Path) -> SafetensorsSource:

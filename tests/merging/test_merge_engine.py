@@ -302,3 +302,39 @@ def test_layer_positions_and_gradients():
     assert resolve_value(spec, "layers.1.mlp.up", 0.5) == 0.5
     assert resolve_value(spec, "norm", 0.5) == 0.7
     assert resolve_value(spec[:2], "norm", 0.5) is None
+
+
+def test_inputs_are_visited_file_by_file_and_finished_files_unmapped(tmp_path, models_on_disk, monkeypatch):
+    # Peak RSS at 1B parameters: a memory-mapped input file stays resident until it is closed, so the engine visits
+    # the reference model's tensors file by file and a source unmaps each file once all its tensors were read.
+    base, _, bpath, paths = models_on_disk
+    src = SafetensorsSource(bpath)
+    order = sorted(src.keys(), key=src.order_key)
+    files = [src.where(k) for k in order]
+    assert files == sorted(files) and len(set(files)) == 3  # grouped by shard
+    first = [k for k in order if src.where(k) == files[0]]
+    for k in first[:-1]:
+        src.get(k)
+    assert len(src._handles) == 3
+    assert torch.equal(src.get(first[-1]), base[first[-1]])
+    assert len(src._handles) == 2  # the first shard is unmapped ...
+    assert torch.equal(src.get(first[0]), base[first[0]])  # ... and reopened when read again
+    assert len(src._handles) == 3
+    src.close()
+
+    reads = []
+    real_get = SafetensorsSource.get
+
+    def get(self, key):
+        t = real_get(self, key)
+        if self.name == str(bpath):
+            reads.append((self.where(key), len(self._handles)))
+        return t
+
+    monkeypatch.setattr(SafetensorsSource, "get", get)
+    out = merge_models(_config("ties", bpath, paths, {"density": 0.5}), tmp_path / "out", progress=False)
+    assert set(load_folder(out)) == set(base)
+    merge_pass = reads[-len(base):]
+    assert [f for f, _ in merge_pass] == sorted(f for f, _ in merge_pass)  # the base is read shard by shard
+    counts = [n for _, n in merge_pass]  # mapped base files after each read: each shard unmapped after its last
+    assert counts == sorted(counts, reverse=True) and counts[-1] == 0
