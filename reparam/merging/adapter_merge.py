@@ -23,8 +23,6 @@ one base tensor differently (different model classes) are an error. Factors are 
 from __future__ import annotations
 
 import math
-import shutil
-import uuid
 from pathlib import Path
 from typing import Sequence
 
@@ -38,9 +36,10 @@ from ..io.files import write_json, write_safetensors
 from ..io.peft_compat import CONFIG_FILE, PREFIX, WEIGHTS_FILE, task_type_of
 from .adapter_source import AdapterSource, LoraModule
 from .config import MergeConfig, load_config
-from .engine import (_load_key, _merge_key, _open_sources, _provenance, _swap_into_place, build_plan, prefetch,
+from .engine import (_load_key, _merge_key, _open_sources, _provenance, build_plan, prefetch,
                      thresholds_streaming)
 from .errors import MergeConfigError, MergeValidationError
+from .io import folder_swap
 
 REPORT_FILE = "reparam_adapter_merge.json"
 EXACT_METHODS = ("linear", "task_arithmetic")
@@ -232,18 +231,11 @@ def _peft_config(cfg, inputs, modules, full, factors, rank) -> dict:
 
 
 def _write(out: Path, tensors: dict, peft_config: dict, report: dict, provenance: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with folder_swap(out) as tmp:
         write_safetensors(tmp / WEIGHTS_FILE, tensors, {"format": "pt"})
         write_json(tmp / CONFIG_FILE, peft_config)
         write_json(tmp / REPORT_FILE, report)
         (tmp / "reparam_merge_config.yml").write_text(yaml.safe_dump(provenance, sort_keys=False))
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def format_report(report: dict, worst: int = 5) -> str:

@@ -28,9 +28,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
@@ -38,10 +37,9 @@ from tqdm.auto import tqdm
 
 from ..core.model import weight_fingerprint
 from ..io.files import atomic_write
-from .engine import COPY_FILES, _swap_into_place, prefetch
+from .engine import COPY_FILES, prefetch
 from .errors import MergeConfigError, MergeValidationError
-from .io import (INDEX_NAME, SINGLE_NAME, DictSource, SafetensorsSource, ShardWriter, Source, nbytes, parse_size,
-                 plan_shards)
+from .io import DictSource, SafetensorsSource, ShardWriter, Source, folder_swap, parse_size, write_shards
 from .layer_select import parse_layers, select_tensors
 from .signatures import dequantize_linear, quantize_linear, signature
 
@@ -300,38 +298,11 @@ def write_model_folder(out: Path, entries: list[tuple[str, tuple[int, ...], torc
                        tensors: Iterator[torch.Tensor], shard_bytes: int, copy_from: Path | None = None,
                        progress: bool = False) -> None:
     """Write `tensors` (in `entries` order) as an HF folder in a temporary folder, then rename it to `out`."""
-    shards = plan_shards(entries, shard_bytes)
-    names = ([SINGLE_NAME] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    spec = {k: (shape, dt) for k, shape, dt in entries}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    writer = None
-    try:
-        weight_map: dict[str, str] = {}
-        bar = tqdm(total=len(entries), desc="apply", unit="tensor", disable=not progress)
-        for name, keys in zip(names, shards):
-            writer = ShardWriter(tmp / name, [(k, *spec[k]) for k in keys])
-            for k in keys:
-                writer.write(k, next(tensors))
-                weight_map[k] = name
-                bar.update(1)
-            writer.close()
-        bar.close()
-        if len(shards) > 1:
-            total = sum(nbytes(shape, dt) for _, shape, dt in entries)
-            (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},
-                                                      "weight_map": weight_map}, indent=2) + "\n")
+    with tqdm(total=len(entries), desc="apply", unit="tensor", disable=not progress) as bar, folder_swap(out) as tmp:
+        write_shards(tmp, entries, tensors, shard_bytes, lambda key, size: bar.update(1))
         for side in COPY_FILES if copy_from is not None else ():
             if (copy_from / side).is_file():
                 shutil.copy2(copy_from / side, tmp / side)
-        _swap_into_place(tmp, out)
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def delta_info(path: str | Path) -> dict[str, Any]:

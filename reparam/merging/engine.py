@@ -13,12 +13,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import queue
 import re
 import shutil
 import threading
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -30,8 +28,7 @@ from tqdm.auto import tqdm
 from .adapter_source import open_input
 from .config import MergeConfig, load_config
 from .errors import MergeConfigError, MergeValidationError
-from .io import (INDEX_NAME, SINGLE_NAME, DictSource, SafetensorsSource, ShardWriter, Source, nbytes, parse_size,
-                 plan_shards)
+from .io import DictSource, SafetensorsSource, Source, folder_swap, nbytes, parse_size, write_shards
 from .keys import TiedOutputs, append_rows, skip_warning, tied_keys, vocab_rows, vocab_warning
 from .methods.base import MethodSpec, TensorContext
 from .params import build_params, layer_positions, resolve_all
@@ -406,16 +403,6 @@ def _open_sources(cfg: MergeConfig):
     return spec, base, inputs, model_params
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def merge_models(config: dict | str | Path | MergeConfig, out_dir: str | Path, *, overwrite: bool = False,
                  progress: bool = True, max_shard_size: int | str | None = None, copy_files: bool = True) -> Path:
     """Merge the models of a mergekit-style config (dict or YAML path) into the HF folder `out_dir`.
@@ -442,51 +429,31 @@ def merge_models(config: dict | str | Path | MergeConfig, out_dir: str | Path, *
             s.close()
         raise
 
-    by_key = {kp.key: kp for kp in plan.keys}
-    shards = plan_shards([(kp.key, kp.out_shape, kp.out_dtype) for kp in plan.keys], shard_bytes)
-    names = ([SINGLE_NAME] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    cleanup: list[Callable[[], None]] = []
+    entries = [(kp.key, kp.out_shape, kp.out_dtype) for kp in plan.keys]
+    bar = tqdm(total=sum(nbytes(shape, dt) for _, shape, dt in entries), unit="B", unit_scale=True,
+               unit_divisor=1024, desc=f"merge ({spec.name})", disable=not progress)
+    stream = prefetch(plan.keys, lambda kp: _load_key(plan, kp))
+
+    def merged():
+        for kp, (b, ts) in stream:
+            yield _merge_key(plan, kp, b, ts, thresholds)
+
+    done = [0]
+
+    def written(key, size):
+        done[0] += 1
+        bar.update(size)
+        bar.set_postfix(tensors=f"{done[0]}/{len(plan.keys)}", refresh=False)
+
     try:
-        total = sum(nbytes(kp.out_shape, kp.out_dtype) for kp in plan.keys)
-        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"merge ({spec.name})",
-                   disable=not progress)
-        cleanup.append(bar.close)
-        stream = prefetch(plan.keys, lambda kp: _load_key(plan, kp))
-        cleanup.append(stream.close)
-        weight_map = {}
-        done = 0
-        for name, keys in zip(names, shards):
-            writer = ShardWriter(tmp / name, [(k, by_key[k].out_shape, by_key[k].out_dtype) for k in keys])
-            cleanup.append(writer.abort)
-            for k in keys:
-                kp, (b, ts) = next(stream)
-                assert kp.key == k
-                merged = _merge_key(plan, kp, b, ts, thresholds)
-                writer.write(k, merged)
-                weight_map[k] = name
-                done += 1
-                bar.update(nbytes(kp.out_shape, kp.out_dtype))
-                bar.set_postfix(tensors=f"{done}/{len(plan.keys)}", refresh=False)
-            writer.close()
+        with folder_swap(out) as tmp:
+            write_shards(tmp, entries, merged(), shard_bytes, written)
+            if copy_files:
+                _copy_side_files(plan, cfg, tmp)
+            (tmp / "reparam_merge_config.yml").write_text(yaml.safe_dump(_provenance(cfg, plan), sort_keys=False))
+    finally:
         stream.close()
         bar.close()
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        if copy_files:
-            _copy_side_files(plan, cfg, tmp)
-        (tmp / "reparam_merge_config.yml").write_text(yaml.safe_dump(_provenance(cfg, plan), sort_keys=False))
-        _swap_into_place(tmp, out)
-    except BaseException:
-        for fn in cleanup:
-            fn()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
         for s in ([base] if base else []) + inputs + plan.sidecars:
             s.close()
     return out

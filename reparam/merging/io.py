@@ -12,10 +12,14 @@ no shard is ever held in memory.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import struct
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 from safetensors import safe_open
@@ -258,3 +262,56 @@ class ShardWriter:
             self.f.close()
             raise RuntimeError(f"shard closed after {self.pos} of {len(self.expected)} tensors")
         self.f.close()
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+@contextmanager
+def folder_swap(out: Path):
+    """A temporary folder beside `out` to write into: renamed into place when the block succeeds (an existing `out`
+    is replaced), deleted when it fails, so `out` is never half-written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _swap_into_place(tmp, out)
+
+
+def write_shards(folder: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]], tensors: Iterable[torch.Tensor],
+                 max_bytes: int, on_written: Callable[[str, int], None] | None = None) -> None:
+    """Write `tensors` (in `entries` order: name, shape, dtype) into `folder` in the Hugging Face layout: one
+    model.safetensors, or shards of at most `max_bytes` plus their index. on_written(name, bytes) after each."""
+    shards = plan_shards(entries, max_bytes)
+    names = ([SINGLE_NAME] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    spec = {k: (shape, dt) for k, shape, dt in entries}
+    it = iter(tensors)
+    weight_map: dict[str, str] = {}
+    for name, keys in zip(names, shards):
+        writer = ShardWriter(folder / name, [(k, *spec[k]) for k in keys])
+        try:
+            for k in keys:
+                writer.write(k, next(it))
+                weight_map[k] = name
+                if on_written is not None:
+                    on_written(k, nbytes(*spec[k]))
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+    if len(shards) > 1:
+        total = sum(nbytes(shape, dt) for _, shape, dt in entries)
+        (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                    indent=2) + "\n")
