@@ -12,7 +12,7 @@ tokens are the "patches" (padding is masked out, N = number of valid patch token
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -20,9 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import ConfigError, ReparamError, TargetError
+from ..core.layers import LINEAR, Adapter, linear_dims
+from ..core.registry import MethodConfig, register
 from ..io.files import read_safetensors, write_json, write_safetensors
 
 PAIR_MODES = ("near", "n/2", "cn2")
+NO_MERGE = ("moment_probing: nothing to merge — the MP head is a new classifier and MP+'s PSRP recalibration is "
+            "token-wise (input-dependent), so it cannot be folded into weights (§7)")
 CENTER_MODES = ("scalar", "per_channel")
 # Where x' (the block input after the attention residual) and the MLP output live, per architecture:
 # (module whose first input is x', module whose output is MLP(...)), as dotted suffixes inside one block.
@@ -55,6 +59,8 @@ class MomentProbingConfig:
         check(self.class_token in ("first", "last"), "class_token", "must be 'first' or 'last'")
         check(self.num_heads >= 2, "num_heads", "needs at least two heads to form pairs")
         check(self.proj_dim % self.num_heads == 0, "proj_dim", f"must be divisible by num_heads={self.num_heads}")
+        check(self.proj_dim // self.num_heads >= 7, "proj_dim", f"proj_dim / num_heads must be at least 7: two "
+              f"3x3 stride-2 convolutions run over each head's d x d moment (num_heads={self.num_heads})")
         check(self.num_classes >= 1 and self.hidden_size >= 1, "num_classes", "sizes must be positive")
 
     def head_pairs(self) -> list[tuple[int, int]]:
@@ -160,6 +166,27 @@ def find_blocks(backbone: nn.Module, sites: tuple[str, str]) -> list[tuple[str, 
     return found
 
 
+def install_psrp(backbone: nn.Module, config: MomentProbingConfig, psrp_sites=None, active=lambda: True):
+    """MP+ (§3): a PSRP in every block of `backbone`, applied by hooks while active(). Returns (modules, handles)."""
+    model_type = getattr(getattr(backbone, "config", None), "model_type", None)
+    sites = psrp_sites or PSRP_SITES.get(model_type)
+    if sites is None:
+        raise ConfigError(f"moment_probing: psrp=True needs psrp_sites for model type {model_type!r}; "
+                          f"known: {sorted(PSRP_SITES)}")
+    blocks = find_blocks(backbone, sites)
+    if not blocks:
+        raise TargetError(f"moment_probing: no block has both {sites[0]!r} and {sites[1]!r}")
+    modules, handles = nn.ModuleDict(), []
+    device = next(backbone.parameters()).device
+    for name, pre, post in blocks:
+        module = PSRP(config.hidden_size, config.psrp_reduction, config.psrp_zero_init).to(device)
+        modules[name.replace(".", "_")] = module
+        capture = (lambda _m, args, p=module: setattr(p, "block_input", args[0]) if active() else None)
+        handles.append(pre.register_forward_pre_hook(capture))
+        handles.append(post.register_forward_hook(lambda _m, _a, out, p=module: p(out) if active() else None))
+    return modules, handles
+
+
 class MomentProbingModel(nn.Module):
     """A frozen Hugging Face backbone (anything returning last_hidden_state, e.g. AutoModel / model.model of a
     causal LM) + the MP head, and PSRP in every block for MP+. forward(input_ids, attention_mask) -> logits."""
@@ -170,23 +197,7 @@ class MomentProbingModel(nn.Module):
         backbone = getattr(backbone, "base_model", backbone)  # a *ForSequenceClassification / *ForCausalLM: its body
         self.backbone = backbone.requires_grad_(False)  # final norm included (pitfall 5)
         self.head = MomentProbingHead(config)
-        self.psrp = nn.ModuleDict()
-        self.hooks = []
-        if config.psrp:
-            model_type = getattr(getattr(backbone, "config", None), "model_type", None)
-            sites = psrp_sites or PSRP_SITES.get(model_type)
-            if sites is None:
-                raise ConfigError(f"moment_probing: psrp=True needs psrp_sites for model type {model_type!r}; "
-                                  f"known: {sorted(PSRP_SITES)}")
-            blocks = find_blocks(backbone, sites)
-            if not blocks:
-                raise TargetError(f"moment_probing: no block has both {sites[0]!r} and {sites[1]!r}")
-            for name, pre, post in blocks:
-                module = PSRP(config.hidden_size, config.psrp_reduction, config.psrp_zero_init)
-                self.psrp[name.replace(".", "_")] = module
-                capture = (lambda _m, args, p=module: setattr(p, "block_input", args[0]))
-                self.hooks.append(pre.register_forward_pre_hook(capture))
-                self.hooks.append(post.register_forward_hook(lambda _m, _a, out, p=module: p(out)))
+        self.psrp, self.hooks = install_psrp(backbone, config, psrp_sites) if config.psrp else (nn.ModuleDict(), [])
 
     def forward(self, input_ids=None, attention_mask=None, **kwargs):
         if self.config.psrp:
@@ -200,8 +211,7 @@ class MomentProbingModel(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
 
     def merge(self):
-        raise ReparamError("moment_probing: nothing to merge — the MP head is a new classifier and MP+'s PSRP "
-                           "recalibration is token-wise (input-dependent), so it cannot be folded into weights (§7)")
+        raise ReparamError(NO_MERGE)
 
     def save(self, directory) -> None:
         directory = Path(directory)
@@ -220,3 +230,91 @@ class MomentProbingModel(nn.Module):
             raise ReparamError(f"moment_probing: saved tensors do not fit this backbone: {sorted(missing)[:5]}")
         model.load_state_dict(tensors, strict=False)
         return model
+
+
+# --- the registered method: reparam.adapt(model, make_config("moment_probing"), targets="classifier") ----------
+
+@dataclass
+class MomentProbingMethodConfig(MethodConfig):
+    """MomentProbingConfig without the sizes, which come from the targeted head (its inputs and outputs)."""
+    proj_dim: int = 512
+    num_heads: int = 4
+    pairs: str = "near"
+    center: str = "scalar"
+    class_token: str = "first"
+    psrp: bool = False
+    psrp_reduction: int = 16
+    psrp_zero_init: bool = False
+
+    def __post_init__(self):
+        self.head_config(1, 1)  # the same checks, the same messages
+
+    def head_config(self, num_classes: int, hidden_size: int) -> MomentProbingConfig:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return MomentProbingConfig(num_classes=num_classes, hidden_size=hidden_size, **values)
+
+
+class MomentProbingAdapter(Adapter):
+    """Replaces a model's classification head (a Linear: BERT's `classifier`, Llama's `score`) by the MP head, fed
+    with the backbone's last hidden states and attention mask, which hooks on `model.base_model` capture in the
+    same forward. The head's own weight is ignored; the backbone stays frozen (MP+: PSRP in every block)."""
+
+    supported_kinds = (LINEAR,)
+    computes_layer_output = True
+    adapts_head = True  # `reparam finetune` targets the task head and trains nothing else
+
+    def __init__(self, layer, config: MomentProbingMethodConfig, init: bool = True):
+        super().__init__(layer, config)
+        d_in, d_out = linear_dims(layer)
+        self.head_config = config.head_config(d_out, d_in)
+        self.head = MomentProbingHead(self.head_config)
+        self.psrp = nn.ModuleDict()
+        self.handles: list = []
+        self.hidden = self.mask = None
+
+    @classmethod
+    def attach_model(cls, model, name, layers):
+        backbone = getattr(model, "base_model", model)
+        if backbone is model:
+            raise TargetError("moment_probing needs a Hugging Face model with a task head (e.g. "
+                              "*ForSequenceClassification): it reads the hidden states of model.base_model")
+        for layer in layers:
+            layer.adapters[name].hook(backbone, layer, name)
+
+    def hook(self, backbone, layer, name):
+        active = (lambda: name in layer.active_adapters and not layer.adapters_disabled)
+
+        def before(_m, args, kwargs):
+            self.mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+
+        def after(_m, _args, _kwargs, out):
+            self.hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+        self.handles = [backbone.register_forward_pre_hook(before, with_kwargs=True),
+                        backbone.register_forward_hook(after, with_kwargs=True)]
+        if self.config.psrp:
+            self.psrp, more = install_psrp(backbone, self.head_config, active=active)
+            self.handles += more
+
+    def layer_output(self, layer, x):
+        hidden, mask, self.hidden, self.mask = self.hidden, self.mask, None, None  # no activation kept after use
+        if hidden is None:
+            raise ReparamError(f"moment_probing: {layer.reparam_name} runs only inside the model's forward, "
+                               f"which hands it the backbone's hidden states")
+        return self.head(hidden.to(self.head.proj.weight.dtype), mask).to(x.dtype)
+
+    def forward(self, layer, x, out):  # behind another adapter on the head: the head's output is replaced
+        return self.layer_output(layer, x)
+
+    def delta_weight(self, layer):
+        raise ReparamError(NO_MERGE + "; use unload(model, merge_active=False) to remove it")
+
+    def detach_from(self, layer):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+register("moment_probing", MomentProbingMethodConfig, MomentProbingAdapter,
+         "Moment Probing: the head classifies from the first token and multi-head cross-covariances of the "
+         "others (psrp=True: MP+, with PSRP recalibration in every block); target the classification head")

@@ -71,6 +71,11 @@ class Adapter(nn.Module):
         super().__init__()
         self.config = config
 
+    @classmethod
+    def attach_model(cls, model: nn.Module, name: str, layers: list) -> None:
+        """Called by adapt once adapter `name` is on `layers`, for methods that need the whole model (Moment
+        Probing reads the backbone's hidden states through hooks; detach_from removes them)."""
+
     def forward(self, layer, x, out):
         raise NotImplementedError
 

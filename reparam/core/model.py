@@ -87,6 +87,7 @@ def adapt(model: nn.Module, config: MethodConfig, targets="all-linear", name: st
             make_adapted(layer, m.name)
             adapter = spec.adapter_cls(layer, config, init=init)
             layer.adapters[name] = adapter.to(layer.weight.device).train(layer.training)  # eval model: no dropout
+    spec.adapter_cls.attach_model(model, name, [m.module for m in matches])
     records(model)[name] = AdapterRecord(name, config, [m.name for m in matches], save_names, fingerprint)
     set_active(model, name)
     return model

@@ -162,3 +162,103 @@ def test_errors(tmp_path):
     MomentProbingModel(tiny_bert_encoder(), small_config(psrp=True)).save(tmp_path / "mpp")
     with pytest.raises(ReparamError, match="do not fit"):
         MomentProbingModel.load(tiny_gpt2(), tmp_path / "mpp")
+
+
+# --- the registered method: reparam.adapt on a model's task head ---------------------------------------------
+
+def tiny_bert_classifier(seed=0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)).eval()
+
+
+def mp_adapted(psrp, seed=0):
+    import reparam
+
+    model = tiny_bert_classifier(seed)
+    torch.manual_seed(seed + 1)
+    return reparam.adapt(model, reparam.make_config("moment_probing", proj_dim=64, num_heads=4, psrp=psrp),
+                         targets="classifier")
+
+
+def batch():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 60, (3, 9), generator=g)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    mask[2, 4:] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("psrp", [False, True])
+def test_registered_head_equals_the_standalone_model(psrp):
+    model = mp_adapted(psrp)
+    adapter = model.classifier.adapters["default"]
+    twin = MomentProbingModel(tiny_bert_classifier(), small_config(psrp=psrp))
+    twin.head.load_state_dict(adapter.head.state_dict())
+    twin.psrp.load_state_dict(adapter.psrp.state_dict())
+    assert len(adapter.psrp) == (2 if psrp else 0)
+    ids, mask = batch()
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, twin(ids, mask), rtol=0, atol=0)
+
+
+def test_registered_trains_only_the_head_and_saves_loads(tmp_path):
+    import reparam
+
+    model = mp_adapted(psrp=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("classifier.adapters.default.") for n in trainable)
+    for p in model.classifier.adapters["default"].psrp.parameters():  # make PSRP non-trivial
+        torch.nn.init.normal_(p, std=0.2)
+    ids, mask = batch()
+    want = model(input_ids=ids, attention_mask=mask).logits
+    reparam.save_adapter(model, tmp_path / "mp")
+    fresh = reparam.load_adapter(tiny_bert_classifier(), tmp_path / "mp")
+    torch.testing.assert_close(fresh(input_ids=ids, attention_mask=mask).logits, want, rtol=0, atol=0)
+
+
+def test_registered_disable_unload_and_no_merge():
+    import reparam
+
+    ids, mask = batch()
+    plain = tiny_bert_classifier()(input_ids=ids, attention_mask=mask).logits
+    model = mp_adapted(psrp=True)
+    for p in model.classifier.adapters["default"].psrp.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    with reparam.disabled(model):  # the plain model: original head, PSRP hooks inactive
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, plain, rtol=0, atol=0)
+    with pytest.raises(ReparamError, match="moment_probing: nothing to merge.*merge_active=False"):
+        reparam.merge(model)
+    reparam.unload(model, merge_active=False)  # hooks removed with the adapter
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, plain, rtol=0, atol=0)
+
+
+def test_registered_errors():
+    import reparam
+    from reparam.core.errors import TargetError
+
+    with pytest.raises(TargetError, match="moment_probing needs a Hugging Face model with a task head"):
+        reparam.adapt(nn.Sequential(nn.Linear(4, 3)), reparam.make_config("moment_probing"), targets=["0"])
+    with pytest.raises(ConfigError, match="proj_dim / num_heads must be at least 7"):
+        reparam.make_config("moment_probing", proj_dim=16, num_heads=4)
+    model = mp_adapted(psrp=False)
+    with pytest.raises(ReparamError, match="runs only inside the model's forward"):
+        model.classifier(torch.randn(2, 32))
+
+
+def test_finetune_cli_targets_the_head(tmp_path, minilm_path, glue_dir):
+    import json
+
+    from reparam.cli.main import main
+
+    out = tmp_path / "mp"
+    code = main(["finetune", "--method", "moment_probing", "--model", str(minilm_path), "--data",
+                 str(glue_dir / "SST-2"), "--set", "psrp=true", "--limit", "8", "--eval-limit", "4", "--max-steps",
+                 "2", "--max-length", "16", "--batch-size", "4", "--quiet", "-o", str(out)])
+    assert code == 0
+    saved = json.loads((out / "reparam_adapter.json").read_text())
+    assert saved["method"] == "moment_probing" and saved["modules"] == ["classifier"]
+    assert saved["modules_to_save"] == [] and saved["config"]["psrp"] is True
