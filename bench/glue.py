@@ -55,12 +55,15 @@ class Variant:
 
 
 def reparam_method(method, lr, group, budget, targets="all-linear", exclude=None, quick_lr=None, **fields):
-    """A registered reparam method with the classifier trained alongside (as `reparam finetune` does)."""
-    weight = getattr(get_method(method).adapter_cls, "default_regularizer_weight", 0.0)
+    """A registered reparam method with the classifier trained alongside (as `reparam finetune` does; a method
+    that replaces the head, such as Moment Probing, adapts the classifier itself)."""
+    adapter_cls = get_method(method).adapter_cls
+    weight = getattr(adapter_cls, "default_regularizer_weight", 0.0)
+    to_save = None if getattr(adapter_cls, "adapts_head", False) else ["classifier"]
 
     def build(model, total_steps):
         reparam.adapt(model, reparam.make_config(method, **fields), targets=targets, exclude=exclude,
-                      modules_to_save=["classifier"])
+                      modules_to_save=to_save)
         return model, []
 
     return Variant(build, lr, quick_lr, weight, group, budget)
@@ -142,6 +145,10 @@ VARIANTS = {
     "gradnormlorp": reparam_method("gradnormlorp", 1e-4, "others", "all Linear weights, r=8 gradient projection", r=8),
     "weight-compander": reparam_method("weight_compander", 1e-4, "others", "all Linear weights (as theta)"),
     "ewa": reparam_method("ewa", 1e-4, "others", "FFN experts, every other block"),
+    "moment-probing": reparam_method("moment_probing", 1e-3, "others", "MP head (proj 512, 4 heads)",
+                                     targets="classifier"),
+    "moment-probing-plus": reparam_method("moment_probing", 1e-3, "others", "MP head + PSRP in every block",
+                                          targets="classifier", psrp=True),
     # Houlsby: after the attention and FFN output projections; parallel: beside the FFN output projection
     "seq-adapter": reparam_method("sequential_adapter", 1e-3, "others", "2 x bottleneck 32 per block", r=32,
                                   targets=["attention.output.dense", "output.dense"]),

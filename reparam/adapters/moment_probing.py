@@ -301,7 +301,10 @@ class MomentProbingAdapter(Adapter):
         if hidden is None:
             raise ReparamError(f"moment_probing: {layer.reparam_name} runs only inside the model's forward, "
                                f"which hands it the backbone's hidden states")
-        return self.head(hidden.to(self.head.proj.weight.dtype), mask).to(x.dtype)
+        logits = self.head(hidden.to(self.head.proj.weight.dtype), mask).to(x.dtype)
+        # A head applied per token (Llama's `score`: [B, T, H] -> [B, T, C], pooled at the last token afterwards)
+        # gets the MP logits at every position, so whichever position the model pools returns them.
+        return logits.unsqueeze(1).expand(-1, x.shape[1], -1) if x.dim() == 3 else logits
 
     def forward(self, layer, x, out):  # behind another adapter on the head: the head's output is replaced
         return self.layer_output(layer, x)

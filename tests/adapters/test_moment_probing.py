@@ -262,3 +262,25 @@ def test_finetune_cli_targets_the_head(tmp_path, minilm_path, glue_dir):
     saved = json.loads((out / "reparam_adapter.json").read_text())
     assert saved["method"] == "moment_probing" and saved["modules"] == ["classifier"]
     assert saved["modules_to_save"] == [] and saved["config"]["psrp"] is True
+
+
+def test_registered_on_a_causal_lm_classifier_uses_the_last_token():
+    import reparam
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=32, num_labels=3, pad_token_id=0)).eval()
+    twin_backbone = LlamaForSequenceClassification(model.config).eval()
+    twin_backbone.load_state_dict(model.state_dict())
+    reparam.adapt(model, reparam.make_config("moment_probing", proj_dim=64, class_token="last", psrp=True),
+                  targets="score")
+    adapter = model.score.adapters["default"]
+    twin = MomentProbingModel(twin_backbone, small_config(class_token="last", psrp=True))
+    twin.head.load_state_dict(adapter.head.state_dict())
+    twin.psrp.load_state_dict(adapter.psrp.state_dict())
+    ids, mask = batch()
+    got = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, twin(ids, mask), rtol=0, atol=0)
+    assert got.shape == (3, 3)
