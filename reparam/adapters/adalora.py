@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import ConfigError
-from ..core.layers import LINEAR, Adapter, adapter_dtype, linear_dims, wide
+from ..core.layers import CONV, LINEAR, Adapter, adapter_dtype, layer_kind, linear_dims, wide
 from ..core.registry import MethodConfig, register
 from ..core.resize import resize_rows
 from ..training.allocators import RankAllocator
-from .lora import as_matrix
+from .lora import _CONV_FN, as_matrix
 
 PRUNE_MODES = ("final", "every", "end")
 ORTH_FORMS = ("mean_fro", "sum_fro_sq")
@@ -87,11 +87,18 @@ def budget(t: int, b0: int, bT: int, tinit: int, tfinal: int, total: int) -> int
 
 
 class AdaLoraAdapter(Adapter):
-    supported_kinds = (LINEAR,)
+    supported_kinds = (LINEAR, CONV)
 
     def __init__(self, layer, config: AdaLoraConfig, init: bool = True):
         super().__init__(layer, config)
-        d_in, d_out = linear_dims(layer)
+        self.conv = layer_kind(layer) == CONV
+        if self.conv:  # §2, PEFT's Conv2d variant: Q is r x (C_in·k...), ΔW reshaped to the kernel
+            if layer.groups != 1 or layer.padding_mode != "zeros":
+                raise ConfigError(f"adalora on {layer.reparam_name}: grouped or non-zero-padded convolutions are "
+                                  f"not supported")
+            d_in, d_out = layer.in_channels * math.prod(layer.kernel_size), layer.out_channels
+        else:
+            d_in, d_out = linear_dims(layer)
         pattern = config.rank_pattern.get(layer.reparam_name)
         k = config.r if pattern is None else sum(map(bool, pattern))
         self.scale = (config.alpha if config.alpha > 0 else config.r) / (config.r + 1e-5)
@@ -109,11 +116,17 @@ class AdaLoraAdapter(Adapter):
         h = x.to(self.lora_A.dtype)
         if self.dropout is not None:
             h = self.dropout(h)
+        if self.conv:  # Q⊙λ as a k-channel kernel with the layer's stride / padding / dilation, then P as 1x1
+            kernel = (self.lora_A * self.lora_E).reshape(-1, layer.in_channels, *layer.kernel_size)
+            conv = _CONV_FN[kernel.dim() - 2]
+            h = conv(h, kernel, None, layer.stride, layer.padding, layer.dilation) * self.scale
+            return out.add_(conv(h, self.lora_B[(...,) + (None,) * (kernel.dim() - 2)]).to(out.dtype))
         h = F.linear(h, self.lora_A * self.lora_E) * self.scale  # the scale on the k-wide intermediate
         return out.add_(F.linear(h, self.lora_B).to(out.dtype))  # in place, as LoRA (the base output is not saved)
 
     def delta_weight(self, layer):
-        return as_matrix(layer, self.scale * (wide(self.lora_B) @ (wide(self.lora_A) * wide(self.lora_E))))
+        delta = self.scale * (wide(self.lora_B) @ (wide(self.lora_A) * wide(self.lora_E)))
+        return delta.reshape(layer.weight.shape) if self.conv else as_matrix(layer, delta)
 
     def regularizer(self, layer):
         Q, P, gamma = self.lora_A, self.lora_B, self.config.orth_reg_weight
@@ -134,7 +147,11 @@ class AdaLoraAdapter(Adapter):
         live = lam != 0
         A, B = wide(self.lora_A.detach())[live], self.scale * wide(self.lora_B.detach())[:, live] * lam[live]
         if A.shape[0] == 0:  # PEFT needs r >= 1: a zero rank-1 LoRA
-            return A.new_zeros(1, A.shape[1]), B.new_zeros(B.shape[0], 1)
+            A, B = A.new_zeros(1, A.shape[1]), B.new_zeros(B.shape[0], 1)
+        if self.conv:  # PEFT's conv LoRA: A a k-channel kernel, B a 1x1 convolution
+            k = len(layer.kernel_size)
+            return (A.reshape(-1, layer.in_channels, *layer.kernel_size).contiguous(),
+                    B.reshape(*B.shape, *(1,) * k).contiguous())
         return A.contiguous(), B.contiguous()
 
 

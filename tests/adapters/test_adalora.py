@@ -1,6 +1,7 @@
 """AdaLoRA (specs/adapters/adalora.md): the unit-test properties of §12, PEFT parity (forward, regulariser,
 allocation, export), the rank allocator in reparam's loop and in a HF Trainer (physical pruning, optimizer state,
 exact resume, budget log), save/load of the rank pattern, the shared resize helper, errors and the CLI."""
+import copy
 import json
 
 import pytest
@@ -9,7 +10,8 @@ from torch import nn
 
 import reparam
 from reparam.adapters.adalora import AdaLoraAllocator, budget
-from reparam.core.model import get_record
+from reparam.core.errors import ConfigError
+from reparam.core.model import adapted_layers, get_record
 from reparam.core.resize import resize_rows
 from reparam.training import Callback, train
 from tests.helpers import (MixedKinds, adapt_tiny_mlp, adapter_params, assert_merge_round_trip, bert_adapted,
@@ -435,3 +437,58 @@ def test_cli_inspect_and_plot_ranks(tmp_path, capsys):
     reparam.save_adapter(reparam.adapt(tiny_bert(300), reparam.LoraConfig(), targets=["query"]), tmp_path / "lora")
     assert main(["plot-ranks", str(tmp_path / "lora"), "-o", str(tmp_path / "x.png")]) == 2
     assert "has a fixed rank" in capsys.readouterr().err
+
+
+# --- Conv2d (§2: PEFT's variant, Q over C_in·k_h·k_w, ΔW reshaped to the kernel) ------------------------------
+
+def test_conv2d_forward_equals_conv_with_delta_merge_and_pruning(tmp_path):
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3, stride=2, padding=1, dilation=1), torch.nn.ReLU(),
+                               torch.nn.Conv2d(5, 4, (1, 3), padding=(0, 1))).double()
+    model = reparam.adapt(copy.deepcopy(base), reparam.make_config("adalora", r=4, target_r=2), targets=["0", "2"])
+    for _, layer in adapted_layers(model):
+        torch.nn.init.normal_(layer.adapters["default"].lora_E)
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    conv = model[0]
+    delta = conv.adapters["default"].delta_weight(conv)
+    assert delta.shape == conv.weight.shape
+    want = torch.nn.functional.conv2d(x, conv.weight + delta, conv.bias, conv.stride, conv.padding)
+    torch.testing.assert_close(conv(x), want)
+    assert_merge_round_trip(model, x, atol=1e-10)
+    alloc = AdaLoraAllocator(model)
+    alloc.active = {m: torch.tensor([True, False, True, False]) for m in alloc.layers}
+    alloc.apply_mask()
+    before = model(x)
+    alloc.remove_masked()
+    assert model[0].adapters["default"].lora_A.shape == (2, 3 * 3 * 3)
+    torch.testing.assert_close(model(x), before)  # the masked triplets had λ = 0: removing them changes nothing
+    reparam.save_adapter(model, tmp_path / "a")
+    fresh = reparam.load_adapter(copy.deepcopy(base), tmp_path / "a")
+    torch.testing.assert_close(fresh(x), before)
+
+
+def test_grouped_conv_is_refused():
+    with pytest.raises(ConfigError, match="grouped or non-zero-padded"):
+        reparam.adapt(torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, groups=2)), reparam.make_config("adalora"),
+                      targets=["0"])
+
+
+def test_conv2d_exports_to_peft_lora(tmp_path):
+    peft = pytest.importorskip("peft")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 5, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    torch.manual_seed(0)
+    base = Net()
+    model = reparam.adapt(copy.deepcopy(base), reparam.make_config("adalora", r=3, target_r=2), targets=["conv"])
+    torch.nn.init.normal_(model.conv.adapters["default"].lora_E)
+    x = torch.randn(2, 3, 6, 6)
+    reparam.export_peft(model, tmp_path / "p")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "p")
+    torch.testing.assert_close(theirs(x), model(x), atol=1e-5, rtol=1e-5)
