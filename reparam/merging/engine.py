@@ -206,8 +206,9 @@ def _load_key(plan: Plan, kp: KeyPlan):
     if not kp.merge:
         return None, [_load(plan.ref, kp.key, plan.dtype)]
     rows = kp.shape[0] if kp.tail else None  # vocab truncation: only the common rows are merged
-    base = _load(plan.base, kp.key, plan.dtype, rows) if plan.base is not None else None
-    return base, [_load(s, kp.key, plan.dtype, rows) for s in plan.inputs]
+    dtype = None if plan.spec.casts_inputs and plan.dtype == torch.float32 else plan.dtype
+    base = _load(plan.base, kp.key, dtype, rows) if plan.base is not None else None
+    return base, [_load(s, kp.key, dtype, rows) for s in plan.inputs]
 
 
 def _load_sidecars(plan: Plan, kp: KeyPlan) -> list[torch.Tensor] | None:

@@ -338,3 +338,23 @@ def test_inputs_are_visited_file_by_file_and_finished_files_unmapped(tmp_path, m
     assert [f for f, _ in merge_pass] == sorted(f for f, _ in merge_pass)  # the base is read shard by shard
     counts = [n for _, n in merge_pass]  # mapped base files after each read: each shard unmapped after its last
     assert counts == sorted(counts, reverse=True) and counts[-1] == 0
+
+
+@pytest.mark.parametrize("method,with_base,params,mparams", [CASES[0], ("linear", False, {}, {"weight": 1.0}),
+                                                           CASES[2], CASES[6], CASES[7]])
+def test_bf16_inputs_cast_inside_the_kernel_give_the_same_tensors(tmp_path, method, with_base, params, mparams):
+    # methods with casts_inputs get the stored bf16 tensors under dtype float32 (no reader-side copy): the result
+    # must be bit for bit that of float32 inputs
+    from merge_fixtures import make_models
+
+    base, models = make_models(2, seed=4, dtype=torch.bfloat16)
+    bpath = save_model(base, tmp_path / "base", shards=2)
+    paths = [save_model(m, tmp_path / f"m{i}") for i, m in enumerate(models)]
+    cfg = _config(method, bpath if with_base else None, paths, params, mparams, seed=5, dtype="float32",
+                  out_dtype="float32")
+    got = load_folder(merge_models(cfg, tmp_path / "out", progress=False))
+    as32 = [{k: v.float() if v.is_floating_point() else v for k, v in sd.items()} for sd in [base, *models]]
+    want = merge_state_dicts(method, as32[0] if with_base else None, as32[1:], params,
+                             {k: [v] * 2 for k, v in mparams.items()}, seed=5)
+    for k in want:
+        assert torch.equal(got[k], want[k].to(got[k].dtype)), k

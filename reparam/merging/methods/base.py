@@ -35,4 +35,7 @@ class MethodSpec:
     check_keys: Callable[[list, list], None] | None = None  # (merged keys, first key's per_model) -> raise
     sidecar: str | None = None  # per-model parameter naming a file with one extra tensor per key
     takes_base: bool = True  # False: a base_model in the config is an error
+    # The kernel turns each input into float32 itself (gta's delta copy, linear's accumulator): with dtype float32
+    # the engine hands it the stored tensors (bf16, ...) and the cast happens once, inside the kernel's own pass.
+    casts_inputs: bool = False
     description: str = ""

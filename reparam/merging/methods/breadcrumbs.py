@@ -57,9 +57,9 @@ def _kernel(consensus: bool):
     return merge_tensor
 
 
-SPEC = MethodSpec("breadcrumbs", BreadcrumbsParams, BreadcrumbsModelParams, _kernel(False),
+SPEC = MethodSpec("breadcrumbs", BreadcrumbsParams, BreadcrumbsModelParams, _kernel(False), casts_inputs=True,
                   description="drop outliers and small deltas, then task arithmetic")
-SPEC_TIES = MethodSpec("breadcrumbs_ties", BreadcrumbsParams, BreadcrumbsModelParams, _kernel(True),
+SPEC_TIES = MethodSpec("breadcrumbs_ties", BreadcrumbsParams, BreadcrumbsModelParams, _kernel(True), casts_inputs=True,
                        description="drop outliers and small deltas, then TIES sign election")
 
 

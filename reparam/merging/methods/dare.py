@@ -52,9 +52,9 @@ def _kernel(consensus: bool):
         lambda delta, m, p, gen: dare(delta, m.density, gen, p.rescale, p.rescale_mode), consensus)
 
 
-SPEC_LINEAR = MethodSpec("dare_linear", DareParams, DensityParams, _kernel(False), randomized=True,
+SPEC_LINEAR = MethodSpec("dare_linear", DareParams, DensityParams, _kernel(False), randomized=True, casts_inputs=True,
                          description="random drop and rescale, then task arithmetic")
-SPEC_TIES = MethodSpec("dare_ties", DareParams, DensityParams, _kernel(True), randomized=True,
+SPEC_TIES = MethodSpec("dare_ties", DareParams, DensityParams, _kernel(True), randomized=True, casts_inputs=True,
                        description="random drop and rescale, then TIES sign election")
 
 

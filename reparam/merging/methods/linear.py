@@ -26,7 +26,10 @@ def merge_tensor(base, tensors: Sequence[torch.Tensor], per_model: Sequence[Weig
     weights = [float(m.weight) for m in per_model]
     acc = torch.zeros(tensors[0].shape, dtype=torch.float32)
     for w, t in zip(weights, tensors):
-        acc += w * t.float()
+        if w == 1:  # a stored bf16 t (casts_inputs) is converted inside the addition: no float32 copy of t
+            acc.add_(t)
+        else:
+            acc += w * t.float()
     if params.normalize:
         total = sum(weights)
         if abs(total) < 1e-8:
@@ -40,7 +43,7 @@ def check(params: LinearParams, per_model: Sequence[WeightParams], key: str) -> 
         raise ValueError(f"weights sum to 0 for tensor {key!r}; cannot normalise (set normalize: false)")
 
 
-SPEC = MethodSpec("linear", LinearParams, WeightParams, merge_tensor, needs_base=False, check=check,
+SPEC = MethodSpec("linear", LinearParams, WeightParams, merge_tensor, needs_base=False, check=check, casts_inputs=True,
                   description="weighted average of the models")
 
 

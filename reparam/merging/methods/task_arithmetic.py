@@ -35,7 +35,7 @@ def merge_tensor(base: torch.Tensor, tensors: Sequence[torch.Tensor], per_model:
                             params.normalize, params.lambda_)
 
 
-SPEC = MethodSpec("task_arithmetic", TaskArithmeticParams, WeightParams, merge_tensor,
+SPEC = MethodSpec("task_arithmetic", TaskArithmeticParams, WeightParams, merge_tensor, casts_inputs=True,
                   description="theta_0 + lambda * sum_i w_i tau_i")
 
 

@@ -76,7 +76,7 @@ def merge_tensor(base: torch.Tensor, tensors: Sequence[torch.Tensor], per_model:
                             params.normalize, params.lambda_)
 
 
-SPEC = MethodSpec("ties", TiesParams, DensityParams, merge_tensor,
+SPEC = MethodSpec("ties", TiesParams, DensityParams, merge_tensor, casts_inputs=True,
                   global_stats=lambda p: p.scope == "global",
                   description="trim, elect sign, disjoint merge")
 
