@@ -23,7 +23,7 @@ from ..core.layers import CONV, LINEAR, Adapter, adapter_dtype, layer_kind, line
 from ..core.registry import MethodConfig, register
 from ..core.resize import resize_rows
 from ..training.allocators import RankAllocator
-from .lora import _CONV_FN, as_matrix
+from .lora import as_matrix, check_conv, conv_update
 
 PRUNE_MODES = ("final", "every", "end")
 ORTH_FORMS = ("mean_fro", "sum_fro_sq")
@@ -93,9 +93,7 @@ class AdaLoraAdapter(Adapter):
         super().__init__(layer, config)
         self.conv = layer_kind(layer) == CONV
         if self.conv:  # §2, PEFT's Conv2d variant: Q is r x (C_in·k...), ΔW reshaped to the kernel
-            if layer.groups != 1 or layer.padding_mode != "zeros":
-                raise ConfigError(f"adalora on {layer.reparam_name}: grouped or non-zero-padded convolutions are "
-                                  f"not supported")
+            check_conv(layer, "adalora")
             d_in, d_out = layer.in_channels * math.prod(layer.kernel_size), layer.out_channels
         else:
             d_in, d_out = linear_dims(layer)
@@ -116,13 +114,17 @@ class AdaLoraAdapter(Adapter):
         h = x.to(self.lora_A.dtype)
         if self.dropout is not None:
             h = self.dropout(h)
-        if self.conv:  # Q⊙λ as a k-channel kernel with the layer's stride / padding / dilation, then P as 1x1
-            kernel = (self.lora_A * self.lora_E).reshape(-1, layer.in_channels, *layer.kernel_size)
-            conv = _CONV_FN[kernel.dim() - 2]
-            h = conv(h, kernel, None, layer.stride, layer.padding, layer.dilation) * self.scale
-            return out.add_(conv(h, self.lora_B[(...,) + (None,) * (kernel.dim() - 2)]).to(out.dtype))
+        if self.conv:
+            A, B = self.conv_factors(layer, self.lora_A * self.lora_E, self.lora_B)
+            return out.add_(conv_update(layer, h, A, B, self.scale).to(out.dtype))
         h = F.linear(h, self.lora_A * self.lora_E) * self.scale  # the scale on the k-wide intermediate
         return out.add_(F.linear(h, self.lora_B).to(out.dtype))  # in place, as LoRA (the base output is not saved)
+
+    @staticmethod
+    def conv_factors(layer, A, B):
+        """Matrix factors (k x C_in·k..., C_out x k) as LoRA's conv kernels: A k-channel, B a 1x1 convolution."""
+        k = len(layer.kernel_size)
+        return A.reshape(-1, layer.in_channels, *layer.kernel_size), B.reshape(*B.shape, *(1,) * k)
 
     def delta_weight(self, layer):
         delta = self.scale * (wide(self.lora_B) @ (wide(self.lora_A) * wide(self.lora_E)))
@@ -148,10 +150,8 @@ class AdaLoraAdapter(Adapter):
         A, B = wide(self.lora_A.detach())[live], self.scale * wide(self.lora_B.detach())[:, live] * lam[live]
         if A.shape[0] == 0:  # PEFT needs r >= 1: a zero rank-1 LoRA
             A, B = A.new_zeros(1, A.shape[1]), B.new_zeros(B.shape[0], 1)
-        if self.conv:  # PEFT's conv LoRA: A a k-channel kernel, B a 1x1 convolution
-            k = len(layer.kernel_size)
-            return (A.reshape(-1, layer.in_channels, *layer.kernel_size).contiguous(),
-                    B.reshape(*B.shape, *(1,) * k).contiguous())
+        if self.conv:  # PEFT's conv LoRA has the same kernel shapes
+            A, B = self.conv_factors(layer, A, B)
         return A.contiguous(), B.contiguous()
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import ConfigError
-from ..core.layers import LINEAR, Adapter, adapter_dtype, linear_dims, wide
+from ..core.layers import LINEAR, Adapter, adapter_dtype, factory_like, linear_dims, wide
 from ..core.registry import MethodConfig, register
 from ..training.allocators import RankAllocator, extend_scheduler_groups
 from .lora import as_matrix
@@ -114,9 +114,7 @@ class IncreLoraAdapter(Adapter):
 
     @property
     def factory(self) -> dict:
-        """dtype and device for grown components: those of the existing ones, so growth follows model.to(...)."""
-        first = next(iter(self.lora_A), None)
-        return self._factory if first is None else dict(dtype=first.dtype, device=first.device)
+        return factory_like(self.lora_A, self._factory)
 
     @property
     def scale(self) -> float:

@@ -17,12 +17,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.errors import ConfigError
 from ..core.layers import (CONV, EMBEDDING, LINEAR, Adapter, adapter_dtype, is_fan_in_fan_out, layer_kind,
                            linear_dims, wide)
 from ..core.registry import MethodConfig, register
 from ..core.svd import svd_split
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def check_conv(layer, method: str) -> None:
+    """Low-rank conv updates (LoRA, AdaLoRA) factor a plain convolution only."""
+    if layer.groups != 1 or layer.padding_mode != "zeros":
+        raise ConfigError(f"{method} on {layer.reparam_name}: grouped or non-zero-padded convolutions are not "
+                          f"supported")
+
+
+def conv_update(layer, h, A, B, scale):
+    """s · B A h for a conv layer: A a rank-r kernel with the layer's stride / padding / dilation, then B (1x1);
+    the scale goes on the r-channel intermediate."""
+    conv = _CONV_FN[A.dim() - 2]
+    return conv(conv(h, A, None, layer.stride, layer.padding, layer.dilation) * scale, B)
 
 
 @dataclass
@@ -102,8 +117,7 @@ class LoraAdapter(Adapter):
             d_in, d_out = linear_dims(layer)
             a_shape, b_shape = (r, d_in), (d_out, r)
         elif self.kind == CONV:
-            if layer.groups != 1 or layer.padding_mode != "zeros":
-                raise ValueError(f"LoRA on {layer.reparam_name}: grouped or non-zero-padded convolutions are not supported")
+            check_conv(layer, "LoRA")
             k = tuple(layer.kernel_size)
             a_shape, b_shape = (r, layer.in_channels, *k), (layer.out_channels, r, *(1,) * len(k))
         else:
@@ -167,9 +181,7 @@ class LoraAdapter(Adapter):
         if self.kind == LINEAR:
             # The scale goes on the r-wide intermediate: r multiplies per token instead of d_out.
             return F.linear(F.linear(h, A) * self.scale, B)
-        conv = _CONV_FN[A.dim() - 2]
-        h = conv(h, A, None, layer.stride, layer.padding, layer.dilation)
-        return conv(h * self.scale, B)
+        return conv_update(layer, h, A, B, self.scale)
 
     def forward(self, layer, x, out):
         # In place: the base layer's output is not saved for its backward (linear, conv and embedding keep

@@ -93,6 +93,13 @@ class SparseEntries(nn.Module):
 SPARSE_KERNEL_MAX_DENSITY = 0.1
 
 
+def csr_kernels(pattern, x: torch.Tensor) -> bool:
+    """Whether a sparse delta runs through the CSR kernels: a pattern was built (density at most
+    SPARSE_KERNEL_MAX_DENSITY) and x is on the CPU. On GPUs the dense delta wins (bench/glue.py on an H200 ran SaRA
+    13x slower than LoRA with the CSR kernels)."""
+    return pattern is not None and not x.is_cuda
+
+
 def csr_structure(rows, cols, n_rows: int, n_cols: int):
     """(crow_indices, col_indices, order) of the CSR matrix with entries at (rows, cols); order maps CSR positions
     to the given (mask) order."""
@@ -186,9 +193,7 @@ class SaraAdapter(Adapter):
     def forward(self, layer, x, out):
         # Additive, out + layer(x; ΔW, Δb): the base output is reused and other adapters compose.
         delta_bias = None if self.bias_entries is None else self.bias_entries.delta(layer.bias)
-        # conv, embedding or a dense mask: a dense ΔW, differentiable in p only. Also on GPUs: the CSR kernels pay
-        # off on CPU only (bench/glue.py on an H200 ran SaRA 13x slower than LoRA with them).
-        if self.pattern is None or x.is_cuda:
+        if not csr_kernels(self.pattern, x):  # conv, embedding, a dense mask or a GPU: dense ΔW, differentiable in p
             h = x if self.kind == EMBEDDING else x.to(self.weight_entries.values.dtype)
             return out + layer_output(layer, h, self.weight_entries.delta(layer.weight), delta_bias).to(out.dtype)
         entries = self.weight_entries

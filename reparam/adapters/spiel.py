@@ -112,7 +112,7 @@ class SpielAdapter(Adapter):
 
     def forward(self, layer, x, out):
         h = x.to(self.delta.dtype)
-        if self.accumulating or self.pattern is None or x.is_cuda:  # CSR kernels: CPU only (see SaRA's forward)
+        if self.accumulating or not sara.csr_kernels(self.pattern, x):
             flat = self.scattered(layer)
             if self.accumulating and flat.requires_grad:
                 flat.register_hook(self.observe)

@@ -43,6 +43,13 @@ def adapter_dtype(layer: nn.Module) -> torch.dtype:
     return torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
 
 
+def factory_like(params, fallback: dict) -> dict:
+    """dtype and device for new parameters of a growing adapter: those of the first of `params`, so growth follows
+    model.to(...) (the layer's at construction would leave it behind); `fallback` while there are none yet."""
+    first = next(iter(params), None)
+    return fallback if first is None else dict(dtype=first.dtype, device=first.device)
+
+
 def linear_dims(layer: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of a Linear or Conv1D."""
     d0, d1 = layer.weight.shape

@@ -59,7 +59,8 @@ def _kernel(consensus: bool):
 
 SPEC = MethodSpec("della", DellaParams, DellaModelParams, _kernel(True), randomized=True, casts_inputs=True,
                   description="magnitude-ranked random drop, sign election, disjoint mean")
-SPEC_LINEAR = MethodSpec("della_linear", DellaLinearParams, DellaModelParams, _kernel(False), randomized=True, casts_inputs=True,
+SPEC_LINEAR = MethodSpec("della_linear", DellaLinearParams, DellaModelParams, _kernel(False), randomized=True,
+                         casts_inputs=True,
                          description="magnitude-ranked random drop, then weighted sum")
 
 
