@@ -140,7 +140,7 @@ VARIANTS = {
     "hut": reparam_method("hut", 1e-3, "others", LORA_BUDGET, r=8),
     "flora": reparam_method("flora", 1e-3, "others", LORA_BUDGET, r=8),
     "sara": reparam_method("sara", 1e-3, "others", "|w| < 0.002 entries"),
-    "spiel": reparam_method("spiel", 1e-3, "others", "density 0.015 (~ LoRA's count)", density=0.015),
+    "spiel": reparam_method("spiel", 1e-3, "others", "density 0.015 (162k entries, half of LoRA r=8)", density=0.015),
     "hft": reparam_method("hft", 1e-4, "others", "half the weights"),
     "gradnormlorp": reparam_method("gradnormlorp", 1e-4, "others", "all Linear weights, r=8 gradient projection", r=8),
     "weight-compander": reparam_method("weight_compander", 1e-4, "others", "all Linear weights (as theta)"),
@@ -149,13 +149,18 @@ VARIANTS = {
                                      targets="classifier"),
     "moment-probing-plus": reparam_method("moment_probing", 1e-3, "others", "MP head + PSRP in every block",
                                           targets="classifier", psrp=True),
-    # Houlsby: after the attention and FFN output projections; parallel: beside the FFN output projection
+    # Houlsby: after the attention and FFN output projections; parallel: beside the FFN, reading its input h1
     "seq-adapter": reparam_method("sequential_adapter", 1e-3, "others", "2 x bottleneck 32 per block", r=32,
                                   targets=["attention.output.dense", "output.dense"]),
-    "par-adapter": reparam_method("parallel_adapter", 1e-3, "others", "FFN bottleneck 32", r=32,
+    "par-adapter": reparam_method("parallel_adapter", 1e-3, "others", "FFN bottleneck 32 (reads h1)", r=32,
                                   targets="output.dense", exclude="attention.output.dense"),
-    "scaled-par-adapter": reparam_method("scaled_parallel_adapter", 1e-3, "others", "FFN bottleneck 32, s=4", r=32,
-                                         scale=4.0, targets="output.dense", exclude="attention.output.dense"),
+    "scaled-par-adapter": reparam_method("scaled_parallel_adapter", 1e-3, "others", "FFN bottleneck 32 (reads h1), s=4",
+                                         r=32, scale=4.0, targets="output.dense", exclude="attention.output.dense"),
+    # prefix tuning and MAM at LoRA's budget: the MLP's mid width sets it (336k; MAM 176k prefix + 148k FFN adapter)
+    "prefix": reparam_method("prefix_tuning", 1e-3, "others", "l=30, MLP mid 64", targets=None, prefix_len=30,
+                             mid_dim=64),
+    "mam": reparam_method("mam_adapter", 1e-3, "others", "l=30, MLP mid 32 + FFN bottleneck 32, s=4", targets=None,
+                          prefix_len=30, mid_dim=32, r=32),
 }
 
 

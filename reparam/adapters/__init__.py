@@ -1,3 +1,4 @@
 """Adapting methods: one file per method; importing a file registers its method."""
 from . import (adalora, dora, ewa, flora, gradnormlorp, hft, hut, increlora, lora, moment_probing, nola,  # noqa: F401
-               pela, sara, soma, sorsa, spiel, svfit, triadaptlora, unified_adapters, weight_compander)
+               pela, prefix, sara, soma, sorsa, spiel, svfit, triadaptlora, unified_adapters,
+               weight_compander)

@@ -80,6 +80,10 @@ class SvfitAdapter(ResidualAdapter):
             self.sigma_gain = nn.Parameter(torch.zeros(r, **factory))  # δ
         else:
             self.sigma = nn.Parameter(torch.zeros(r, **factory))  # σ̂
+        # Per token the factored path costs ~3·r·(d_in + d_out) extra multiply-adds (forward and backward), the dense
+        # one (W_e + U_r diag(σ̂) V_rᵀ formed once per step, one matmul) ~d_in·d_out for the weight gradient σ̂
+        # needs: at SVFit's usual full rank the dense path does half the work. Same values either way (tested).
+        self.computes_layer_output = 3 * r * sum(W.shape) > W.numel()
         if init:
             self.split(layer, W)
             if not self.multiplicative:
@@ -119,6 +123,10 @@ class SvfitAdapter(ResidualAdapter):
         # r multiplies per token on the r-wide intermediate; in place into the base output, as LoRA does.
         h = F.linear(x.to(self.sigma0.dtype), self.right_vectors) * self.sigma_hat()
         return out.add_(F.linear(h, self.left_vectors).to(out.dtype))
+
+    def layer_output(self, layer, x):
+        weight = wide(as_matrix(layer, layer.weight)) + self.singular_part(self.sigma_hat())
+        return F.linear(x.to(weight.dtype), weight, None if layer.bias is None else wide(layer.bias)).to(x.dtype)
 
     def singular_part(self, sigma: torch.Tensor) -> torch.Tensor:
         """U_r diag(sigma) V_rᵀ in float32 (or float64), d_out x d_in."""

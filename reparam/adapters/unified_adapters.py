@@ -1,19 +1,20 @@
-"""Unified view of PEFT (He et al., ICLR 2022; specs/adapters/unified_adapters.md): bottleneck adapters.
+"""Unified view of PEFT (He et al., ICLR 2022; specs/adapters/unified_adapters.md): bottleneck adapters and MAM.
 
     Adapter(z) = s · Up(Dropout(ReLU(Down(LN_in?(z)))))  (LN on the output instead with layernorm="out")  §2.1
 
 Placement on an adapted layer y = f(x) (§2.2):
     sequential (Houlsby):  y ← y + Adapter(y)        input = the sub-layer's OUTPUT
-    parallel:              y ← y + Adapter(x)        input = the sub-layer's INPUT (s·Adapter: scaled parallel)
-Target the sub-layer's output projection for Houlsby (BERT "attention.output.dense,output.dense", Llama
-"o_proj,down_proj"). The parallel form uses the input of the module it adapts; on a module that is the whole FFN
-(a toy block, or any Linear FFN) this is exactly LN(h1 + FFN(h1) + s·Adapter(h1)) (§2.2, §8.3). On BERT/Llama,
-whose FFN is two Linears, only Linears can be adapted, so a parallel adapter on the FFN output projection reads
-that projection's input (the d_ff activation), NOT h1 (§7.1): a known deviation, see the report.
+    parallel:              y ← y + s·Adapter(h)      input = the INPUT h of the whole sub-layer (scaled parallel: s > 1)
+Only Linears can be adapted, so a parallel adapter sits on the sub-layer's output projection and reads the
+sub-layer's input through a forward pre-hook (input_from="auto"): on BERT's FFN output `output.dense` that is the
+input of `intermediate` (h1, the post-attention-LN state), so the block computes LN(h1 + FFN(h1) + s·Adapter(h1))
+exactly as §2.2 / pitfall 1 ask; on Llama / GPT-2 `mlp.down_proj` / `mlp.c_proj` the input of `mlp`; on the
+attention output projection the attention block's input (§2.2 adds Adapter(x) before out_proj, which is the same
+function class: out_proj is linear). Any other module reads its own input (a Linear that is the whole FFN: §8.3).
 
+MAM (§2.4) = prefix tuning (adapters/prefix.py) on the attention key projections + a scaled parallel FFN adapter.
 Adapters are non-linear (ReLU), so they cannot be merged (§5): merge raises a clear error; unload(merge_active=False)
-removes them. Prefix tuning (§1, §2.3) is given here as its attention math (concat form and the gated decomposition)
-and the MLP-reparameterised prefix with its collapse to a constant; it is not yet wired into HF attention modules.
+removes them.
 """
 from __future__ import annotations
 
@@ -24,12 +25,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.errors import ReparamError
+from ..core.errors import ReparamError, TargetError
 from ..core.layers import LINEAR, Adapter, adapter_dtype, linear_dims
 from ..core.registry import MethodConfig, register
+from .prefix import KEY_PROJECTIONS, NO_MERGE, PrefixPart, attach_prefixes, detach_prefixes
 
 LAYERNORM_OPTIONS = ("none", "in", "out")
 INIT_OPTIONS = ("lora", "bert")
+# input_from="auto": (suffix of the adapted output projection, module whose input a parallel adapter reads), the
+# module looked up beside the nearest enclosing block; first match wins
+SUBLAYER_INPUTS = (("attention.output.dense", "attention"), ("output.dense", "intermediate"),  # BERT / RoBERTa
+                   ("self_attn.o_proj", "self_attn"), ("mlp.down_proj", "mlp"),  # Llama / Mistral / Qwen
+                   ("attn.c_proj", "attn"), ("mlp.c_proj", "mlp"))  # GPT-2
 
 
 @dataclass
@@ -39,6 +46,7 @@ class BottleneckConfig(MethodConfig):
     layernorm: str = "none"  # "in" | "out" | "none" (§2.1)
     init: str = "lora"  # "lora": Up = 0, exact base model at init; "bert": N(0, 0.02) weights (§2.1, §7.2)
     dropout: float = 0.0
+    input_from: str = "auto"  # parallel only: "auto" (the sub-layer's input, see above), "self", or a module name
     placement = "parallel"  # class attribute: fixed by the registered name
 
     def __post_init__(self):
@@ -49,6 +57,8 @@ class BottleneckConfig(MethodConfig):
         self.check(self.layernorm in LAYERNORM_OPTIONS, "layernorm", f"must be one of {', '.join(LAYERNORM_OPTIONS)}")
         self.check(self.init in INIT_OPTIONS, "init", f"must be one of {', '.join(INIT_OPTIONS)}")
         self.check(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        self.check(isinstance(self.input_from, str) and self.input_from, "input_from",
+                   "must be 'auto', 'self' or a module name")
 
 
 @dataclass
@@ -104,6 +114,13 @@ class Bottleneck(nn.Module):
         return self.norm(h) if self.layernorm == "out" else h
 
 
+def sublayer_input(name: str, input_from: str) -> str | None:
+    """The module name (relative to an enclosing block) whose input a parallel adapter on `name` reads; None: its own."""
+    if input_from == "auto":
+        return next((src for suffix, src in SUBLAYER_INPUTS if name == suffix or name.endswith("." + suffix)), None)
+    return None if input_from == "self" else input_from
+
+
 class BottleneckAdapter(Adapter):
     supported_kinds = (LINEAR,)
 
@@ -111,13 +128,32 @@ class BottleneckAdapter(Adapter):
         super().__init__(layer, config)
         d_in, d_out = linear_dims(layer)
         self.sequential = config.placement == "sequential"
-        self.bottleneck = Bottleneck(d_out if self.sequential else d_in, d_out, config,
+        self.reads = None if self.sequential else sublayer_input(layer.reparam_name, config.input_from)
+        # the sub-layer's input is the residual stream, as wide as the output projection's output
+        self.bottleneck = Bottleneck(d_out if self.sequential or self.reads else d_in, d_out, config,
                                      dtype=adapter_dtype(layer), device=layer.weight.device)
+        self.block_input, self.handles = None, []
         if init:
             self.bottleneck.initialise(config.init)
 
+    @classmethod
+    def attach_model(cls, model, name, layers):
+        attach_inputs(model, name, layers, [layer.adapters[name] for layer in layers])
+
+    def hook(self, source: nn.Module, active) -> None:
+        def before(_m, args, kwargs):
+            if active():
+                self.block_input = args[0] if args else kwargs["hidden_states"]
+        self.handles = [source.register_forward_pre_hook(before, with_kwargs=True)]
+
     def forward(self, layer, x, out):
         z = out if self.sequential else x
+        if self.reads:
+            z, self.block_input = self.block_input, None  # no activation kept after use
+            if z is None or z.shape[-1] != self.bottleneck.down.in_features:
+                raise ReparamError(f"{self.config.method} on {layer.reparam_name}: no {self.bottleneck.down.in_features}"
+                                   f"-wide input from {self.reads!r} in this forward (got "
+                                   f"{None if z is None else list(z.shape)}); set input_from")
         return out + self.bottleneck(z.to(self.bottleneck.down.weight.dtype)).to(out.dtype)
 
     def delta_weight(self, layer):
@@ -126,6 +162,26 @@ class BottleneckAdapter(Adapter):
 
     def merge_into(self, layer, weight):
         return self.delta_weight(layer)
+
+    def detach_from(self, layer):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def attach_inputs(model, name, layers, adapters) -> None:
+    """Hook each reading adapter to the input of its sub-layer: `reads` beside the nearest enclosing module."""
+    modules = dict(model.named_modules())
+    for layer, adapter in zip(layers, adapters):
+        if not adapter.reads:
+            continue
+        parts = layer.reparam_name.split(".")
+        source = next((modules[n] for k in range(len(parts) - 1, -1, -1)
+                       if (n := ".".join(parts[:k] + [adapter.reads])) in modules), None)
+        if source is None:
+            raise TargetError(f"{adapter.config.method}: no module {adapter.reads!r} beside {layer.reparam_name!r} to "
+                              f"read the sub-layer input from; set input_from ('self' reads the module's own input)")
+        adapter.hook(source, lambda layer=layer: name in layer.active_adapters and not layer.adapters_disabled)
 
 
 register("sequential_adapter", SequentialAdapterConfig, BottleneckAdapter,
@@ -136,72 +192,82 @@ register("scaled_parallel_adapter", ScaledParallelAdapterConfig, BottleneckAdapt
          "scaled parallel adapter (He et al. 2022): parallel, s = 4, r = 512, LoRA init, no LN")
 
 
+@dataclass
+class MamConfig(MethodConfig):
+    """MAM adapter (§2.4, the XSum / en-ro scripts of §4): a 30-vector prefix at every attention, MLP-reparameterised
+    (mid 800), and a scaled parallel adapter at every FFN (r 512, s 4, LoRA init, no LN) reading h1."""
+    prefix_len: int = 30
+    prefix_mlp: bool = True
+    mid_dim: int = 800
+    r: int = 512
+    scale: float | str = 4.0
+    input_from: str = "auto"
+
+    def __post_init__(self):
+        self.prefix_config(), self.ffn_config()  # the same checks, the same messages
+
+    def prefix_config(self):
+        from .prefix import PrefixTuningConfig
+        return PrefixTuningConfig(prefix_len=self.prefix_len, mlp=self.prefix_mlp, mid_dim=self.mid_dim)
+
+    def ffn_config(self):
+        return ScaledParallelAdapterConfig(r=self.r, scale=self.scale, input_from=self.input_from)
+
+
+def is_key_projection(name: str) -> bool:
+    return name.rpartition(".")[2] in KEY_PROJECTIONS
+
+
+class MamAdapter(Adapter):
+    """On a key projection: that attention's prefix (PrefixPart); elsewhere: the scaled parallel FFN adapter."""
+
+    supported_kinds = (LINEAR,)
+
+    def __init__(self, layer, config: MamConfig, init: bool = True):
+        super().__init__(layer, config)
+        if is_key_projection(layer.reparam_name):
+            self.prefix_part = PrefixPart(layer, config.prefix_config(), init)
+        else:
+            self.ffn = BottleneckAdapter(layer, config.ffn_config(), init)
+
+    @classmethod
+    def default_targets(cls, model):
+        keys = "|".join(KEY_PROJECTIONS)
+        return f"re:.*\\.({keys})|.*(?<!attention)\\.output\\.dense|.*\\.mlp\\.(down_proj|c_proj)"
+
+    @classmethod
+    def attach_model(cls, model, name, layers):
+        config = layers[0].adapters[name].config
+        keys = [layer for layer in layers if hasattr(layer.adapters[name], "prefix_part")]
+        ffns = [layer for layer in layers if hasattr(layer.adapters[name], "ffn")]
+        if not keys or not ffns:
+            raise TargetError(f"mam_adapter needs attention key projections ({', '.join(KEY_PROJECTIONS)}) and FFN "
+                              f"output projections among its targets; got {[layer.reparam_name for layer in layers]}")
+        attach_prefixes(model, keys, [layer.adapters[name].prefix_part for layer in keys], config.prefix_config())
+        attach_inputs(model, name, ffns, [layer.adapters[name].ffn for layer in ffns])
+
+    @classmethod
+    def detach_model(cls, model, name):
+        detach_prefixes(model)
+
+    def forward(self, layer, x, out):
+        return self.ffn(layer, x, out) if hasattr(self, "ffn") else out
+
+    def delta_weight(self, layer):
+        if hasattr(self, "prefix_part"):
+            raise ReparamError(f"mam_adapter on {layer.reparam_name}: {NO_MERGE}")
+        return self.ffn.delta_weight(layer)
+
+    def detach_from(self, layer):
+        if hasattr(self, "ffn"):
+            self.ffn.detach_from(layer)
+
+
+register("mam_adapter", MamConfig, MamAdapter,
+         "MAM adapter (He et al. 2022): prefix tuning (l=30) at attention + scaled parallel FFN adapter (r=512, s=4)")
+
+
 def bottleneck_param_count(d: int, r: int, layernorm: bool = False, d_out: int | None = None) -> int:
     """2·d·r + r + d (+ 2d with a LayerNorm) per insertion (§3); d_in·r + r + r·d_out + d_out when they differ."""
     d_out = d if d_out is None else d_out
     return d * r + r + r * d_out + d_out + (2 * d if layernorm else 0)
-
-
-# --- prefix tuning (§1, §2.3): attention math and the reparameterised prefix ----------------------------------
-
-def prefix_attention(q, K, V, P_k, P_v, scale: float, mask=None):
-    """softmax(q [P_k; K]ᵀ·scale + [0; mask]) [P_v; V]: the prefix is always visible (§2.3, §7.3, §7.5).
-    q: (..., n, d_h); K, V: (..., m, d_h); P_k, P_v: (..., l, d_h); mask: additive, broadcastable to (..., n, m)."""
-    P_k, P_v = (p.expand(*V.shape[:-2], -1, -1) for p in (P_k, P_v))  # one prefix for the batch (and beams)
-    scores = torch.cat([q @ P_k.transpose(-1, -2), q @ K.transpose(-1, -2)], dim=-1) * scale
-    if mask is not None:
-        zeros = torch.zeros(*mask.shape[:-1], P_k.shape[-2], dtype=mask.dtype, device=mask.device)
-        scores = scores + torch.cat([zeros.expand(*scores.shape[:-1], -1),
-                                     mask.expand(*scores.shape[:-1], -1)], dim=-1)
-    return scores.softmax(-1) @ torch.cat([P_v, V], dim=-2)
-
-
-def gated_prefix_attention(q, K, V, P_k, P_v, scale: float, mask=None):
-    """(1 − λ)·Attn(q, K, V) + λ·Attn(q, P_k, P_v), λ = Σexp(prefix scores) / Σexp(all scores), with the same
-    scale and mask inside every exp (§1, §7.4); λ = sigmoid(logsumexp_prefix − logsumexp_context) is stable."""
-    context = q @ K.transpose(-1, -2) * scale
-    if mask is not None:
-        context = context + mask
-    prefix = q @ P_k.transpose(-1, -2) * scale
-    lam = torch.sigmoid(prefix.logsumexp(-1, keepdim=True) - context.logsumexp(-1, keepdim=True))
-    return (1 - lam) * (context.softmax(-1) @ V) + lam * (prefix.softmax(-1) @ P_v)
-
-
-class PrefixEncoder(nn.Module):
-    """Prefix keys/values for L layers of one attention type: P = MLP(E) during training (§2.3), or learned
-    directly (mlp=False, "prefix_nomlp"). collapse() gives the constant prefix that replaces the MLP after training."""
-
-    def __init__(self, prefix_len: int, d_model: int, n_layers: int, n_heads: int, d_mid: int = 800,
-                 mlp: bool = True, dropout: float = 0.0):
-        super().__init__()
-        if d_model % n_heads:
-            raise ReparamError(f"prefix: d_model={d_model} is not divisible by n_heads={n_heads}")
-        self.shape = (prefix_len, n_layers, 2, n_heads, d_model // n_heads)
-        if mlp:
-            self.embedding = nn.Embedding(prefix_len, d_model)
-            self.mlp = nn.Sequential(nn.Linear(d_model, d_mid), nn.Tanh(), nn.Linear(d_mid, 2 * n_layers * d_model))
-        else:
-            self.prefix = nn.Parameter(torch.randn(prefix_len, 2 * n_layers * d_model) * 0.02)
-        self.dropout = nn.Dropout(dropout)
-
-    def flat(self) -> torch.Tensor:
-        if hasattr(self, "prefix"):
-            return self.prefix
-        return self.mlp(self.embedding.weight)
-
-    def forward(self) -> torch.Tensor:
-        """[L, 2, n_heads, l, d_head]: per layer, (P_k, P_v) split into heads."""
-        return self.dropout(self.flat()).view(self.shape).permute(1, 2, 3, 0, 4)
-
-    @torch.no_grad()
-    def collapse(self) -> "PrefixEncoder":
-        """The equivalent MLP-free encoder holding the constant P (§2.3, §5)."""
-        l, L, _, h, dh = self.shape
-        out = PrefixEncoder(l, h * dh, L, h, mlp=False, dropout=self.dropout.p).to(self.flat().dtype)
-        out.prefix.copy_(self.flat())
-        return out
-
-
-def prefix_param_count(prefix_len: int, d_model: int) -> int:
-    """2·l·d per attention module once the MLP is collapsed (§3)."""
-    return 2 * prefix_len * d_model

@@ -43,8 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="any other field of the method's config, e.g. --set init=pissa (repeatable)")
     p.add_argument("--targets", default=None,
-                   help="modules to adapt: all-linear (default; the task head for head methods such as "
-                        "moment_probing), names/suffixes 'query,value', or 're:<regex>'")
+                   help="modules to adapt: the method's default (all-linear; the task head for moment_probing, the "
+                        "key projections for prefix_tuning, keys + FFN outputs for mam_adapter), names/suffixes "
+                        "'query,value', or 're:<regex>'")
     p.add_argument("--exclude", default=None, help="modules to leave out (same syntax as --targets)")
     p.add_argument("--modules-to-save", default=None,
                    help="modules trained in full and saved with the adapter (default: the model's head)")
@@ -127,9 +128,10 @@ def run(args) -> int:
     train_data, dev = load_datasets(tokenizer, args.data, args.eval_data, args.max_length, args.limit,
                                     args.eval_limit, args.seed)
     model = load_classifier(model_path, num_labels=train_data.num_labels, seed=args.seed)
-    adapts_head = getattr(get_method(config.method).adapter_cls, "adapts_head", False)  # Moment Probing
+    adapter_cls = get_method(config.method).adapter_cls
+    adapts_head = getattr(adapter_cls, "adapts_head", False)  # Moment Probing
     to_save = args.modules_to_save.split(",") if args.modules_to_save else [] if adapts_head else head_modules(model)
-    args.targets = args.targets or (",".join(head_modules(model)) if adapts_head else "all-linear")
+    args.targets = args.targets or (",".join(head_modules(model)) if adapts_head else adapter_cls.default_targets(model))
     adapt(model, config, targets=args.targets, exclude=args.exclude, modules_to_save=to_save or None)
     summary = trainable_summary(model)
     print(f"model: {model_path} ({type(model).__name__}, {train_data.num_labels} labels)")

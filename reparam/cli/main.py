@@ -35,11 +35,12 @@ def cmd_targets(args) -> int:
     return 0
 
 
-def group_by_module(tensors: dict) -> dict[str, list[tuple[str, list[int]]]]:
+def group_by_module(tensors: dict, modules: list[str]) -> dict[str, list[tuple[str, list[int]]]]:
+    """{module: [(tensor name inside it, shape)]}; a name may be nested (an adapter's `bottleneck.down.weight`)."""
     groups: dict[str, list] = defaultdict(list)
     for key, t in tensors.items():
-        module, _, param = key.rpartition(".")
-        groups[module].append((param, list(t.shape)))
+        module = max((m for m in modules if key.startswith(m + ".")), key=len, default=key.rpartition(".")[0])
+        groups[module].append((key[len(module) + 1:], list(t.shape)))
     return groups
 
 
@@ -76,8 +77,8 @@ def cmd_inspect(args) -> int:
     if directory.is_dir() and not (directory / TENSORS_FILE).exists() and (directory / PEFT_CONFIG).exists():
         return inspect_peft(directory, args)
     tensors, config = read_adapter(directory)
-    groups = group_by_module(tensors)
     to_save = config.get("modules_to_save", [])
+    groups = group_by_module(tensors, config["modules"] + to_save)
     print(f"adapter: {directory} (name {config.get('name', 'default')!r}, format {config['format']})")
     print(f"method: {config['method']}")
     ranks = module_ranks(config)  # methods with a rank allocator: the rank pattern is shown per module below

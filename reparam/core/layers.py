@@ -79,9 +79,18 @@ class Adapter(nn.Module):
         self.config = config
 
     @classmethod
+    def default_targets(cls, model: nn.Module):
+        """What adapt and `reparam finetune` target when none are given (prefix tuning: the key projections)."""
+        return "all-linear"
+
+    @classmethod
     def attach_model(cls, model: nn.Module, name: str, layers: list) -> None:
         """Called by adapt once adapter `name` is on `layers`, for methods that need the whole model (Moment
         Probing reads the backbone's hidden states through hooks; detach_from removes them)."""
+
+    @classmethod
+    def detach_model(cls, model: nn.Module, name: str) -> None:
+        """Called once adapter `name` is off every layer: undo what attach_model changed outside the layers."""
 
     def forward(self, layer, x, out):
         raise NotImplementedError

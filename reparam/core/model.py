@@ -53,7 +53,7 @@ def weight_fingerprint(weight: torch.Tensor) -> dict:
     return {"shape": list(weight.shape), "hash": hashlib.sha1(sample).hexdigest()[:16]}
 
 
-def adapt(model: nn.Module, config: MethodConfig, targets="all-linear", name: str = "default",
+def adapt(model: nn.Module, config: MethodConfig, targets=None, name: str = "default",
           modules_to_save=None, exclude=None, init: bool = True) -> nn.Module:
     """Adapt `model` in place with `config` on the modules `targets` selects; returns the model.
 
@@ -67,6 +67,7 @@ def adapt(model: nn.Module, config: MethodConfig, targets="all-linear", name: st
     if not name or "." in name:
         raise ConfigError(f"adapter name {name!r} must be non-empty and contain no '.'")
     spec = get_method(config.method)
+    targets = spec.adapter_cls.default_targets(model) if targets is None else targets  # mostly "all-linear"
     matches = resolve_targets(model, targets, exclude)
     selected = set(config.select_layers({m.name: m.module for m in matches}))
     matches = [m for m in matches if m.name in selected]
@@ -87,8 +88,12 @@ def adapt(model: nn.Module, config: MethodConfig, targets="all-linear", name: st
             make_adapted(layer, m.name)
             adapter = spec.adapter_cls(layer, config, init=init)
             layer.adapters[name] = adapter.to(layer.weight.device).train(layer.training)  # eval model: no dropout
-    spec.adapter_cls.attach_model(model, name, [m.module for m in matches])
     records(model)[name] = AdapterRecord(name, config, [m.name for m in matches], save_names, fingerprint)
+    try:
+        spec.adapter_cls.attach_model(model, name, [m.module for m in matches])
+    except BaseException:
+        delete_adapter(model, name)  # a method that refuses the model leaves it as it was
+        raise
     set_active(model, name)
     return model
 
@@ -144,6 +149,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if len(layer.adapters) == 0:
             restore_plain(layer)
     del records(model)[name]
+    get_method(rec.config.method).adapter_cls.detach_model(model, name)
 
 
 def merge(model: nn.Module, names=None) -> None:
@@ -168,7 +174,9 @@ def unload(model: nn.Module, merge_active: bool = True) -> nn.Module:
             if not merge_active:
                 adapter.detach_from(layer)
         restore_plain(layer)
-    records(model).clear()
+    for rec in list(records(model).values()):
+        records(model).pop(rec.name)
+        get_method(rec.config.method).adapter_cls.detach_model(model, rec.name)
     for p in model.parameters():
         p.requires_grad_(True)
     return model

@@ -95,10 +95,12 @@ def test_trainable_count_and_frozen_parts():
 # --- §11.3 gradient -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("parameterization", ["additive", "multiplicative"])
-def test_gradient_is_projected_weight_gradient(parameterization):
-    _, model = adapted(torch.float64, r=4, parameterization=parameterization)
+@pytest.mark.parametrize("r", [4, None])  # 4: the factored path x V_r σ̂ U_rᵀ; all 24: the dense W_e + U diag(σ̂) Vᵀ
+def test_gradient_is_projected_weight_gradient(parameterization, r):
+    _, model = adapted(torch.float64, r=r, parameterization=parameterization)
     perturb_sigma(model)
     layer, ad = model.fc2, model.fc2.adapters.default
+    assert ad.computes_layer_output == (r is None)
     x = torch.randn(7, 24, dtype=torch.float64, requires_grad=True)
     layer(x).sin().sum().backward()
     U, Vh = ad.left_vectors, ad.right_vectors

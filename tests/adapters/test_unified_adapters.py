@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 import reparam
-from reparam.adapters.unified_adapters import (PrefixEncoder, bottleneck_param_count, gated_prefix_attention,
-                                                prefix_attention, prefix_param_count)
-from reparam.core.errors import ConfigError, ReparamError
+from reparam.adapters.prefix import collapse_prefix, mlp_param_count, prefix_param_count
+from reparam.adapters.unified_adapters import bottleneck_param_count
+from reparam.core.errors import ConfigError, ReparamError, TargetError
 from tests.helpers import TinyMLP, randomize_adapters
 from tests.training.tiny import tiny_bert
 
@@ -31,24 +31,6 @@ def adapter_by_hand(b, z):
     """§2.1 in float64: s · Up(ReLU(Down(z))) (no LN, dropout 0)."""
     h = torch.relu(z @ b.down.weight.double().T + b.down.bias.double())
     return b.scale.double() * (h @ b.up.weight.double().T + b.up.bias.double())
-
-
-# --- §8.1 prefix ⇔ gated decomposition -------------------------------------------------------------------------
-
-def test_prefix_concat_equals_gated_decomposition():
-    g = torch.Generator().manual_seed(0)
-    q, K, V = (torch.randn(2, 3, 5, 8, generator=g, dtype=torch.float64) for _ in range(3))
-    P_k, P_v = (torch.randn(2, 3, 4, 8, generator=g, dtype=torch.float64) for _ in range(2))
-    mask = torch.zeros(2, 1, 1, 5, dtype=torch.float64)
-    mask[0, ..., -2:] = -1e4  # padding on the first sequence
-    causal = torch.full((5, 5), -1e9, dtype=torch.float64).triu(1)  # decoder mask must not hide the prefix
-    for m in (None, mask, mask + causal):
-        concat = prefix_attention(q, K, V, P_k, P_v, scale=8 ** -0.5, mask=m)
-        gated = gated_prefix_attention(q, K, V, P_k, P_v, scale=8 ** -0.5, mask=m)
-        torch.testing.assert_close(concat, gated, atol=1e-6, rtol=0)
-    # a wrong scale inside λ breaks the equivalence (§7.4): the test can fail
-    assert (gated_prefix_attention(q, K, V, P_k, P_v, scale=1.0) - prefix_attention(q, K, V, P_k, P_v, 8 ** -0.5)
-            ).abs().max() > 1e-3
 
 
 # --- §8.2 identity at init -------------------------------------------------------------------------------------
@@ -92,6 +74,64 @@ def test_placement_semantics_float64(method):
     torch.testing.assert_close(model(h1), expected, atol=1e-12, rtol=0)
 
 
+def test_parallel_ffn_adapter_on_bert_reads_h1():
+    """§2.2 / pitfall 1 on BERT, whose FFN is intermediate.dense -> act -> output.dense: the adapter on output.dense
+    reads h1 (the input of `intermediate`), and the block output is LN(h1 + FFN(h1) + s·Adapter(h1))."""
+    base = tiny_bert(300).eval()
+    model = reparam.adapt(copy.deepcopy(base), reparam.make_config("scaled_parallel_adapter", r=5),
+                          targets="output.dense", exclude="attention.output.dense").eval()
+    randomize_adapters(model, std=0.3)
+    block = model.bert.encoder.layer[1]
+    seen = {}
+    block.intermediate.register_forward_pre_hook(lambda m, args: seen.update(h1=args[0]))
+    block.output.register_forward_hook(lambda m, args, out: seen.update(out=out))
+    model(torch.randint(0, 300, (2, 7)))
+    h1, b = seen["h1"], block.output.dense.adapters.default.bottleneck
+    assert b.down.in_features == 32  # h1's width, not the 64-d activation output.dense reads
+    plain = base.bert.encoder.layer[1]
+    ffn = plain.output.dense(plain.intermediate(h1))
+    expected = block.output.LayerNorm(h1 + ffn + adapter_by_hand(b, h1.double()).float())
+    torch.testing.assert_close(seen["out"], expected, atol=1e-5, rtol=0)
+
+
+def test_parallel_adapters_on_llama_read_the_sublayer_inputs():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=2)).eval()
+    model = reparam.adapt(copy.deepcopy(base), reparam.make_config("parallel_adapter", r=4),
+                          targets="o_proj,down_proj").eval()
+    randomize_adapters(model, std=0.3)
+    layer, plain = model.model.layers[0], base.model.layers[0]
+    seen = {}
+    for key, module in (("mlp", layer.mlp), ("attn", layer.self_attn)):
+        module.register_forward_pre_hook(lambda m, args, kwargs, key=key: seen.update(
+            {key + "_in": kwargs.get("hidden_states", args[0] if args else None)}), with_kwargs=True)
+        module.register_forward_hook(lambda m, args, out, key=key: seen.update(
+            {key + "_out": out[0] if isinstance(out, tuple) else out}))
+    model(torch.randint(0, 100, (2, 6)))
+    h = seen["mlp_in"]
+    expected = plain.mlp(h) + adapter_by_hand(layer.mlp.down_proj.adapters.default.bottleneck, h.double()).float()
+    torch.testing.assert_close(seen["mlp_out"], expected, atol=1e-5, rtol=0)
+    assert layer.self_attn.o_proj.adapters.default.reads == "self_attn"
+    x = seen["attn_in"]  # the attention block's input: Adapter(x) joins the attention output (§2.2)
+    extra = seen["attn_out"] - plain.self_attn(x, position_embeddings=model.model.rotary_emb(x, torch.arange(6)[None]),
+                                              attention_mask=None)[0]
+    torch.testing.assert_close(extra, adapter_by_hand(layer.self_attn.o_proj.adapters.default.bottleneck,
+                                                      x.double()).float(), atol=1e-5, rtol=0)
+
+
+def test_input_from_self_and_a_missing_module():
+    model = reparam.adapt(tiny_bert(300), reparam.make_config("parallel_adapter", r=4, input_from="self"),
+                          targets="output.dense", exclude="attention.output.dense")
+    assert model.bert.encoder.layer[0].output.dense.adapters.default.bottleneck.down.in_features == 64
+    base = tiny_bert(300)
+    with pytest.raises(TargetError, match="no module 'ffn_in' beside 'bert.encoder.layer.0.attention.output.dense'"):
+        reparam.adapt(base, reparam.make_config("parallel_adapter", r=4, input_from="ffn_in"), targets="output.dense")
+    assert not any(".adapters." in n for n, _ in base.named_parameters())
+
+
 @pytest.mark.parametrize("layernorm", ["in", "out"])
 def test_layernorm_options(layernorm):
     torch.manual_seed(0)
@@ -116,29 +156,6 @@ def test_learnable_scalar_trains():
     assert model.fc1.weight.grad is None
 
 
-# --- §8.4 prefix MLP collapse ----------------------------------------------------------------------------------
-
-def test_prefix_mlp_collapse_gives_same_attention():
-    torch.manual_seed(0)
-    enc = PrefixEncoder(prefix_len=4, d_model=16, n_layers=3, n_heads=2, d_mid=20).double().eval()
-    const = enc.collapse()
-    assert not hasattr(const, "mlp") and sum(p.numel() for p in const.parameters()) == 3 * prefix_param_count(4, 16)
-    q, K, V = (torch.randn(2, 2, 5, 8, dtype=torch.float64) for _ in range(3))
-    for layer in range(3):
-        with_mlp, collapsed = enc()[layer], const()[layer]
-        torch.testing.assert_close(prefix_attention(q, K, V, with_mlp[0], with_mlp[1], 0.3),
-                                   prefix_attention(q, K, V, collapsed[0], collapsed[1], 0.3), atol=1e-12, rtol=0)
-    # heads split per layer as [L, 2, n_heads, l, d_head]: layer 1 keys are columns 2·d..3·d of the flat prefix
-    torch.testing.assert_close(enc()[1, 0].transpose(0, 1).reshape(4, 16), enc.flat()[:, 32:48])
-
-
-def test_prefix_mlp_param_count():
-    l, d, L, d_mid = 4, 16, 3, 20
-    enc = PrefixEncoder(l, d, L, n_heads=2, d_mid=d_mid)
-    expected = l * d + d * d_mid + d_mid + d_mid * 2 * L * d + 2 * L * d  # §3
-    assert sum(p.numel() for p in enc.parameters()) == expected
-
-
 # --- §8.5 parameter counts -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("layernorm", ["none", "in"])
@@ -150,14 +167,15 @@ def test_adapter_param_count(layernorm):
     assert len(per_module) == 2  # one per layer
 
 
-def test_mam_sized_budget_equals_sum():
-    """MAM on a toy config: collapsed prefix on every attention + scaled parallel adapter at every FFN (§2.4)."""
-    model = reparam.adapt(tiny_bert(300), reparam.make_config("scaled_parallel_adapter", r=16),
-                          targets="output.dense", exclude=["attention.output.dense"])
-    prefix = PrefixEncoder(30, 32, n_layers=2, n_heads=2, mlp=False)
-    total = reparam.trainable_summary(model).trainable + sum(p.numel() for p in prefix.parameters())
-    # the FFN output projection is 64 -> 32: Down reads its 64-d input
-    assert total == 2 * bottleneck_param_count(64, 16, d_out=32) + 2 * prefix_param_count(30, 32)
+def test_mam_param_count_equals_sum():
+    """MAM on a toy config: the prefix (MLP while training, 2·l·d per attention once collapsed) + a scaled parallel
+    adapter reading h1 at every FFN (§2.4, §3, §8.5)."""
+    model = reparam.adapt(tiny_bert(300), reparam.make_config("mam_adapter", prefix_len=6, mid_dim=10, r=16))
+    ffn = 2 * bottleneck_param_count(32, 16)  # Down reads the 32-d h1, not the 64-d activation of output.dense
+    assert reparam.trainable_summary(model).trainable == mlp_param_count(6, 32, 10, n_layers=2) + ffn
+    collapse_prefix(model)
+    assert reparam.trainable_summary(model).trainable == 2 * prefix_param_count(6, 32) + ffn
+    assert model.reparam_adapters["default"].config.prefix_mlp is False
 
 
 # --- merge, save/load, errors, causal LM -----------------------------------------------------------------------
@@ -228,3 +246,67 @@ def test_gpt2_conv1d_sequential_identity_and_training():
     assert model.transformer.h[0].mlp.c_proj.adapters.default.bottleneck.down.in_features == 32  # reads c_proj's output
     randomize_adapters(model)
     assert (model(ids).logits - base(ids).logits).abs().max() > 1e-4
+
+
+# --- MAM adapter (§2.4) ----------------------------------------------------------------------------------------
+
+def test_mam_defaults_and_targets():
+    model = reparam.adapt(tiny_bert(300), reparam.make_config("mam_adapter"))
+    cfg = model.reparam_adapters["default"].config
+    assert (cfg.prefix_len, cfg.mid_dim, cfg.r, cfg.scale, cfg.prefix_mlp) == (30, 800, 512, 4.0, True)
+    assert model.reparam_adapters["default"].modules == [
+        f"bert.encoder.layer.{i}.{m}" for i in range(2) for m in ("attention.self.key", "output.dense")]
+
+
+def test_mam_is_prefix_tuning_plus_the_ffn_adapter_exactly():
+    """With Up = 0 (LoRA init) MAM equals prefix tuning with the same prefix; a trained FFN adapter adds to it."""
+    base = tiny_bert(300).eval()
+    torch.manual_seed(1)
+    mam = reparam.adapt(copy.deepcopy(base), reparam.make_config("mam_adapter", prefix_len=4, mid_dim=8, r=8)).eval()
+    prefix = reparam.adapt(copy.deepcopy(base), reparam.make_config("prefix_tuning", prefix_len=4, mid_dim=8)).eval()
+    source = mam.bert.encoder.layer[0].attention.self.key.adapters.default.prefix_part
+    prefix.bert.encoder.layer[0].attention.self.key.adapters.default.prefix_part.load_state_dict(source.state_dict())
+    ids = torch.randint(0, 300, (2, 7))
+    torch.testing.assert_close(mam(ids).logits, prefix(ids).logits, atol=0, rtol=0)
+    assert (mam(ids).logits - base(ids).logits).abs().max() > 1e-6  # the prefix does something
+    with torch.no_grad():
+        mam.bert.encoder.layer[1].output.dense.adapters.default.ffn.bottleneck.up.weight.normal_(std=0.1)  # not constant: LN would remove it
+    assert (mam(ids).logits - prefix(ids).logits).abs().max() > 1e-4
+
+
+def test_mam_save_load_merge_refusal_and_unload(tmp_path):
+    base = tiny_bert(300).eval()
+    model = reparam.adapt(copy.deepcopy(base), reparam.make_config("mam_adapter", prefix_len=3, mid_dim=8, r=4),
+                          modules_to_save=["classifier"]).eval()
+    randomize_adapters(model)
+    ids = torch.randint(0, 300, (2, 7))
+    out = model(ids).logits
+    reparam.save_adapter(model, tmp_path / "mam")
+    loaded = reparam.load_adapter(copy.deepcopy(base), tmp_path / "mam").eval()
+    torch.testing.assert_close(loaded(ids).logits, out, atol=0, rtol=0)
+    with pytest.raises(ReparamError, match="mam_adapter on bert.encoder.layer.0.attention.self.key: prefix tuning"):
+        reparam.merge(loaded)
+    reparam.unload(loaded, merge_active=False)
+    assert loaded.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(loaded(ids).logits, base(ids).logits, atol=0, rtol=0)
+
+
+def test_mam_needs_both_sides():
+    with pytest.raises(TargetError, match="mam_adapter needs attention key projections"):
+        reparam.adapt(tiny_bert(300), reparam.make_config("mam_adapter"), targets="key")
+
+
+def test_mam_finetune_cli(tmp_path, minilm_path, glue_dir):
+    import json
+
+    from reparam.cli.main import main
+
+    out = tmp_path / "mam"
+    code = main(["finetune", "--method", "mam_adapter", "--model", str(minilm_path), "--data",
+                 str(glue_dir / "SST-2"), "--set", "prefix_len=4", "--set", "mid_dim=8", "--set", "r=8", "--limit",
+                 "8", "--eval-limit", "4", "--max-steps", "2", "--max-length", "16", "--batch-size", "4", "--quiet",
+                 "-o", str(out)])
+    assert code == 0
+    saved = json.loads((out / "reparam_adapter.json").read_text())
+    assert saved["method"] == "mam_adapter" and len(saved["modules"]) == 12
+    assert {m.rsplit(".", 2)[-2] + "." + m.rsplit(".", 1)[-1] for m in saved["modules"]} == {"self.key", "output.dense"}

@@ -10,9 +10,10 @@ from tests.helpers import adapt_tiny_mlp
 FIELDS = {"adalora": {"r": 4, "target_r": 2}, "increlora": {"target_rank": 2}, "spiel": {"density": 0.25},
           "nola": {"cache_bases": True}, "sara": {"threshold": 0.5}, "pela": {"compression": 1.5},
           "svfit": {"r": 4}, "soma": {"r": 4, "block_pattern": r"fc(\d)"}}
-# EWA splits FFN blocks into experts and Moment Probing replaces a Hugging Face model's task head: neither fits the
-# two-Linear TinyMLP (Moment Probing keeps no tensors between forwards; EWA's are parameters).
-SKIP = {"ewa", "moment_probing"}
+# EWA splits FFN blocks into experts, Moment Probing replaces a Hugging Face model's task head, prefix tuning and MAM
+# need Hugging Face attention: none fits the two-Linear TinyMLP (Moment Probing keeps no tensors between forwards;
+# EWA's are parameters; tests/adapters/test_prefix.py moves a prefix-tuned BERT to the meta device).
+SKIP = {"ewa", "moment_probing", "prefix_tuning", "mam_adapter"}
 
 
 def stray_tensors(module):
