@@ -141,6 +141,8 @@ VARIANTS = {
     "flora": reparam_method("flora", 1e-3, "others", LORA_BUDGET, r=8),
     "sara": reparam_method("sara", 1e-3, "others", "|w| < 0.002 entries"),
     "spiel": reparam_method("spiel", 1e-3, "others", "density 0.015 (162k entries, half of LoRA r=8)", density=0.015),
+    "spiel-ma": reparam_method("spiel", 1e-3, "others", "density 0.015, SM3 statistics (MA)", density=0.015,
+                               variant="ma"),
     "hft": reparam_method("hft", 1e-4, "others", "half the weights"),
     "gradnormlorp": reparam_method("gradnormlorp", 1e-4, "others", "all Linear weights, r=8 gradient projection", r=8),
     "weight-compander": reparam_method("weight_compander", 1e-4, "others", "all Linear weights (as theta)"),
@@ -157,7 +159,7 @@ VARIANTS = {
     "scaled-par-adapter": reparam_method("scaled_parallel_adapter", 1e-3, "others", "FFN bottleneck 32 (reads h1), s=4",
                                          r=32, scale=4.0, targets="output.dense", exclude="attention.output.dense"),
     # prefix tuning and MAM at LoRA's budget: the MLP's mid width sets it (336k; MAM 176k prefix + 148k FFN adapter)
-    "prefix": reparam_method("prefix_tuning", 1e-3, "others", "l=30, MLP mid 64", targets=None, prefix_len=30,
+    "prefix": reparam_method("prefix_tuning", 5e-3, "others", "l=30, MLP mid 64", targets=None, prefix_len=30,
                              mid_dim=64),
     "mam": reparam_method("mam_adapter", 1e-3, "others", "l=30, MLP mid 32 + FFN bottleneck 32, s=4", targets=None,
                           prefix_len=30, mid_dim=32, r=32),

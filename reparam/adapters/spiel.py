@@ -7,6 +7,9 @@ The forward adds x scatter(δ, η)ᵀ to the base output with SaRA's CSR kernels
 accumulation phase the delta goes through a dense d_out × d_in tensor whose gradient hook sees G_W and
 accumulates Σg, Σg² at the top-k candidates of |G_W| (SpIEL-AG, §5). SpielStep (a training callback) runs the
 schedule: every R steps, drop the n smallest |δ| and grow the n candidates with the largest |Σg|.
+variant="ma" (SpIEL-MA): no accumulation phase and no dense gradient ever; δ is trained by SftSM3 (§4: one
+accumulator per row and per column of W, applied by SpielStep before optimizer.step, which then skips δ) and
+grows where row_acc[i]·col_acc[j] is largest among the inactive positions.
 The adapter file holds η and δ per module (index + value arrays, never dense tensors, §6).
 """
 from __future__ import annotations
@@ -35,6 +38,8 @@ class SpielConfig(MethodConfig):
     reselection_rate_policy: str = "linear"  # or "cosine" (§5)
     weight_decay: float = 0.0  # decoupled pull of δ toward 0, i.e. of W toward W0 (§4, §10.6); applied by SpielStep
     seed: int = 0  # initial random η of each module: seed + crc32(module name)
+    variant: str = "ag"  # "ag": grow by accumulated gradients (SftAdamW); "ma": by SM3 statistics (SftSM3)
+    sm3_eps: float = 1e-8  # not given by the spec; SM3's usual ε (MA only)
 
     def __post_init__(self):
         self.check(isinstance(self.density, (int, float)) and 0 < self.density <= 1, "density", "must be in (0, 1]")
@@ -49,6 +54,8 @@ class SpielConfig(MethodConfig):
                    "must be 'linear' or 'cosine'")
         self.check(isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0, "weight_decay",
                    "must be >= 0")
+        self.check(self.variant in ("ag", "ma"), "variant", "must be 'ag' (SpIEL-AG) or 'ma' (SpIEL-MA)")
+        self.check(isinstance(self.sm3_eps, (int, float)) and self.sm3_eps > 0, "sm3_eps", "must be > 0")
 
 
 def reselection_rate(t: int, cfg: SpielConfig, total_steps: int) -> float | None:
@@ -81,6 +88,10 @@ class SpielAdapter(Adapter):
         self.delta = torch.nn.Parameter(torch.zeros(k, dtype=adapter_dtype(layer), device=layer.weight.device))
         self.accumulating = False
         self.clear_statistics()
+        if config.variant == "ma":  # SM3 accumulators of the dense shape's rows and columns (§4); not in the file
+            for name, n in (("row_acc", layer.weight.shape[0]), ("col_acc", layer.weight.numel() // layer.weight.shape[0])):
+                self.register_buffer(name, torch.zeros(n, dtype=torch.float32, device=layer.weight.device),
+                                     persistent=False)
         self.restore(layer)
 
     def restore(self, layer):
@@ -125,26 +136,48 @@ class SpielAdapter(Adapter):
         return wide(self.scattered(layer).detach().view(layer.weight.shape))
 
     @torch.no_grad()
+    def sm3_step(self, lr: float) -> None:
+        """SftSM3 (§4) on δ's gradient: u = min(row[i], col[j]) + g², row/col ← max(·, u), δ −= lr·g/√(u + ε)."""
+        g = self.delta.grad.float()
+        rows, cols = self.positions // self.col_acc.numel(), self.positions % self.col_acc.numel()
+        u = torch.minimum(self.row_acc[rows], self.col_acc[cols]) + g * g
+        self.row_acc.scatter_reduce_(0, rows, u, "amax")
+        self.col_acc.scatter_reduce_(0, cols, u, "amax")
+        self.delta.sub_((lr * g / (u + self.config.sm3_eps).sqrt()).to(self.delta.dtype))
+        self.delta.grad = None  # the loop's optimizer skips δ and keeps no state for it
+
+    def grow_candidates(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(flat positions, scores) to grow from: AG the top-k of |G_W| with |Σg|; MA the top-k of row·col (§5).
+        k of them always leave n free positions, since k − n stay active after the drop."""
+        if self.config.variant == "ag":
+            return None if self.candidates is None else (self.candidates, self.sum_g.abs())
+        scores, candidates = torch.outer(self.row_acc, self.col_acc).view(-1).topk(len(self.index))
+        return candidates, scores
+
+    @torch.no_grad()
     def reselect(self, layer, rate: float, optimizer=None) -> torch.Tensor:
-        """Drop the n = floor(k·rate) smallest |δ|, grow the candidates with the largest |Σg| that are not active
+        """Drop the n = floor(k·rate) smallest |δ|, grow the candidates with the largest score that are not active
         after the drop (§5); returns the slots whose position changed (their δ and optimizer state restart)."""
         k = len(self.index)
         n = int(k * rate)
-        if n == 0 or self.candidates is None:
+        found = self.grow_candidates()
+        if n == 0 or found is None:
             return self.index.new_zeros(0)
+        candidates, scores = found
         order = self.delta.abs().argsort(stable=True)
         drop_slots = order[:n]
-        free = ~torch.isin(self.candidates, self.positions[order[n:]])  # not active after the drop (§10.2)
+        free = ~torch.isin(candidates, self.positions[order[n:]])  # not active after the drop (§10.2)
         free_at = free.nonzero().squeeze(1)
-        top = free_at[self.sum_g[free].abs().topk(min(n, len(free_at))).indices]
-        grow = self.candidates[top]
+        top = free_at[scores[free].topk(min(n, len(free_at))).indices]
+        grow = candidates[top]
         # A dropped position chosen again stays where it is (with its δ): cancel the pair (§10.2).
         kept = torch.isin(self.positions[drop_slots], grow)
         new = ~torch.isin(grow, self.positions[drop_slots])
         slots, top = drop_slots[~kept][: int(new.sum())], top[new]  # too few candidates: keep the larger |δ|
-        self.index[slots] = self.candidates[top].to(self.index.dtype)
+        self.index[slots] = candidates[top].to(self.index.dtype)
         self.delta[slots] = 0
-        self.seed_optimizer_state(optimizer, slots, self.sum_g[top] / self.count, self.sum_g2[top] / self.count)
+        if self.config.variant == "ag":  # MA: the accumulators are dense-shaped, nothing to seed (§5)
+            self.seed_optimizer_state(optimizer, slots, self.sum_g[top] / self.count, self.sum_g2[top] / self.count)
         self.restore(layer)
         return slots
 
@@ -178,9 +211,16 @@ class SpielStep(Callback):
 
     def on_step_begin(self, state):
         if state.global_step == 0:  # t = 0: the first accumulation phase begins at once
-            for _, pairs in self.spiel_adapters(state.model):
+            for cfg, pairs in self.spiel_adapters(state.model):
                 for _, adapter in pairs:
-                    adapter.accumulating = True
+                    adapter.accumulating = cfg.variant == "ag"
+
+    def before_optimizer_step(self, state):
+        lr = {id(p): g["lr"] for g in state.optimizer.param_groups for p in g["params"]} if state.optimizer else {}
+        for cfg, pairs in self.spiel_adapters(state.model):
+            for _, adapter in pairs:
+                if cfg.variant == "ma" and adapter.delta.grad is not None:
+                    adapter.sm3_step(lr.get(id(adapter.delta), 0.0))
 
     def after_optimizer_step(self, state):
         t = state.global_step + 1  # optimizer steps done
@@ -197,10 +237,34 @@ class SpielStep(Callback):
                         changed += len(adapter.reselect(layer, rate, state.optimizer))
                     adapter.accumulating = False
                     adapter.clear_statistics()
-                if (t + 1) % cfg.reselection_steps == 0 and t < state.total_steps:
+                if (t + 1) % cfg.reselection_steps == 0 and t < state.total_steps and cfg.variant == "ag":
                     adapter.accumulating = True
             if rate is not None:
                 state.log({"spiel_reselected": changed, "spiel_rate": rate})
 
 
-register("spiel", SpielConfig, SpielAdapter, "SpIEL: sparse deltas at k indices per weight, drop and grow (AG)")
+    # Checkpoints: SpIEL-MA's SM3 accumulators by adapter module name (as GradNormLoRPStep keeps its moments); a
+    # checkpoint is loaded before on_train_begin, when the model is first seen, so loaded state waits there.
+    def on_train_begin(self, state):
+        self.model = state.model
+        accumulators = dict(self.accumulators(state.model))
+        for name, saved in getattr(self, "pending", {}).items():
+            for buffer, value in zip(accumulators[name], saved):
+                buffer.copy_(value)
+        self.pending = {}
+
+    def accumulators(self, model):
+        for name, module in model.named_modules():
+            if isinstance(module, SpielAdapter) and module.config.variant == "ma":
+                yield name, (module.row_acc, module.col_acc)
+
+    def state_dict(self):
+        model = getattr(self, "model", None)
+        return {n: [t.clone() for t in acc] for n, acc in self.accumulators(model)} if model is not None else {}
+
+    def load_state_dict(self, state):
+        self.pending = state
+
+
+register("spiel", SpielConfig, SpielAdapter, "SpIEL: sparse deltas at k indices per weight, drop and grow "
+         "(variant ag: accumulated gradients; ma: SM3 statistics, no dense gradient)")

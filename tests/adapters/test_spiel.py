@@ -219,3 +219,82 @@ def test_reparam_loop_runs_spiel_step_and_keeps_optimizer_state_compact():
     after = {n: m.adapters["default"] for n, m in model.named_modules() if hasattr(m, "adapters")}
     assert any(not torch.equal(before[n], a.index) for n, a in after.items())
     assert all(a.delta.numel() == len(a.index) and len(a.index.unique()) == len(a.index) for a in after.values())
+
+
+# --- SpIEL-MA: SftSM3 and growth by row x column statistics (§4, §5) -------------------------------------------
+
+def test_sm3_step_closed_form():
+    _, model = adapted(variant="ma")
+    a = model.fc2.adapters["default"]
+    d_in = model.fc2.weight.shape[1]
+    with torch.no_grad():
+        a.row_acc.uniform_(0, 1)
+        a.col_acc.uniform_(0, 1)
+    row, col, delta = a.row_acc.clone(), a.col_acc.clone(), a.delta.detach().clone()
+    g = torch.randn_like(a.delta)
+    a.delta.grad = g.clone()
+    a.sm3_step(lr=0.1)
+    i, j = a.positions // d_in, a.positions % d_in
+    u = torch.minimum(row[i], col[j]) + g * g
+    for slot in range(len(g)):  # by hand: max over the entries sharing a row / column
+        row[i[slot]] = max(row[i[slot]], u[slot])
+        col[j[slot]] = max(col[j[slot]], u[slot])
+    torch.testing.assert_close(a.row_acc, row, atol=0, rtol=0)
+    torch.testing.assert_close(a.col_acc, col, atol=0, rtol=0)
+    torch.testing.assert_close(a.delta.detach(), delta - 0.1 * g / (u + 1e-8).sqrt(), atol=1e-7, rtol=0)
+    assert a.delta.grad is None  # the loop's optimizer skips δ
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.3])
+def test_ma_grows_the_largest_row_column_products_among_inactive(rate):
+    _, model = adapted(variant="ma")
+    layer, a = model.fc2, model.fc2.adapters["default"]
+    with torch.no_grad():
+        a.row_acc.uniform_(0, 1)
+        a.col_acc.uniform_(0, 1)
+        a.delta.normal_()
+    k, n = len(a.index), int(len(a.index) * rate)
+    order = a.delta.abs().argsort(stable=True)
+    kept = set(a.positions[order[n:]].tolist())
+    score = torch.outer(a.row_acc, a.col_acc).view(-1)
+    ranked = [p for p in score.argsort(descending=True).tolist() if p not in kept]
+    a.reselect(layer, rate)
+    new = set(a.index.tolist()) - kept
+    assert len(a.index.unique()) == k and kept <= set(a.index.tolist())
+    # the n grown positions are the best inactive ones (a re-chosen dropped position simply stays)
+    assert new == set(ranked[:n])
+
+
+def test_ma_trains_without_dense_gradients_or_adam_state():
+    from reparam.training import train
+    from tests.helpers import bert_adapted, quiet, synthetic_data
+
+    model = bert_adapted("spiel", density=0.05, reselection_steps=3, selection_accumulation_steps=1, variant="ma")
+    seen_dense = []
+    for _, m in model.named_modules():
+        if hasattr(m, "adapters"):
+            a = m.adapters["default"]
+            a.register_forward_pre_hook(lambda mod, args: seen_dense.append(mod.accumulating))
+    before = {n: m.adapters["default"].index.clone() for n, m in model.named_modules() if hasattr(m, "adapters")}
+    result = train(model, synthetic_data(48), quiet(max_steps=6))
+    assert seen_dense and not any(seen_dense)  # never the dense accumulation path
+    after = {n: m.adapters["default"] for n, m in model.named_modules() if hasattr(m, "adapters")}
+    assert any(not torch.equal(before[n], a.index) for n, a in after.items())
+    assert all(a.row_acc.abs().sum() > 0 for a in after.values())
+    assert [e["spiel_rate"] for e in result.history if "spiel_rate" in e][:1] == [1.0]
+
+
+def test_ma_accumulators_survive_a_checkpoint():
+    _, model = adapted(variant="ma")
+    cb = SpielStep()
+    cb.on_train_begin(TrainState(model=model))
+    with torch.no_grad():
+        model.fc1.adapters["default"].row_acc.fill_(3.0)
+    saved = cb.state_dict()
+    _, fresh = adapted(variant="ma")
+    cb2 = SpielStep()
+    cb2.load_state_dict(saved)
+    cb2.on_train_begin(TrainState(model=fresh))
+    assert (fresh.fc1.adapters["default"].row_acc == 3.0).all()
+    with pytest.raises(reparam.ConfigError, match="invalid variant='xx'"):
+        reparam.make_config("spiel", variant="xx")
