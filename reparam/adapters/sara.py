@@ -4,9 +4,10 @@
     W = W0 ⊙ (1 − M) + scatter(p, M),   y = layer(x; W)   ΔW = scatter(p − W0[M], M)
 
 Unstructural backpropagation (§6): p is a compact 1-D leaf per tensor and only it gets a gradient, (∂L/∂W)[M] of
-size nnz; the optimizer keeps state for the nnz entries only. The update is added to the base output: on Linear /
-Conv1D layers through CSR sparse kernels (x ΔWᵀ, and the gradient of p as gᵀx sampled at M), with no dense
-d_out × d_in tensor; on convolutions and embeddings through a dense ΔW scattered from p. The mask is a function
+size nnz; the optimizer keeps state for the nnz entries only. On Linear / Conv1D layers the adapter computes the
+layer's output as x (W0 + ΔW)ᵀ (MergedSparseLinear: one matmul; ∂L/∂p gathered from a dense gᵀx inside backward);
+behind another adapter it adds x ΔWᵀ through CSR sparse kernels on the CPU (the gradient of p as gᵀx sampled at
+M) or a dense ΔW on a GPU; on convolutions and embeddings through a dense ΔW scattered from p. The mask is a function
 of W0 and τ, so the adapter file holds p alone (in mask order) and the mask is recomputed at load (§3).
 SaraStep (a training callback, run by reparam.training.train by itself) adds the rank regulariser on one random
 matrix per step, the decoupled weight decay of p and the progressive re-selection (§4, §5).
@@ -133,6 +134,50 @@ class LinearPattern(nn.Module):
                                            check_invariants=False)
 
 
+def merged_matrix(weight: torch.Tensor, values: torch.Tensor, index: torch.Tensor, fan_in_fan_out: bool):
+    """W0 + scatter(values, index) in the values' dtype, as a d_out × d_in matrix (a new tensor)."""
+    merged = weight.to(values.dtype, copy=True)
+    merged.view(-1).index_add_(0, index, values)
+    return merged.T if fan_in_fan_out else merged
+
+
+class MergedSparseLinear(torch.autograd.Function):
+    """x (W0 + ΔW)ᵀ for the first adapter of a Linear-family layer, ΔW = scatter(values, index) in W0's storage
+    layout: one dense matmul forward, and in backward ∂L/∂x = g (W0 + ΔW) and ∂L/∂values = (gᵀx)[index] from one
+    dense gᵀx, so a step costs what LoRA's does (bench/method_speed.py) where the CSR kernels cost ~1.5x. W0 + ΔW is
+    formed for each matmul and dropped (never kept from forward to backward); the dense ∂L/∂W exists only inside
+    backward, where `observe` (SpIEL's accumulation phase) sees it; the parameter gradient stays k-sized."""
+
+    @staticmethod
+    def forward(ctx, x, values, weight, index, fan_in_fan_out, observe, bias):
+        ctx.save_for_backward(x, values)
+        ctx.weight, ctx.index, ctx.fan_in_fan_out, ctx.observe = weight, index, fan_in_fan_out, observe
+        return F.linear(x, merged_matrix(weight, values, index, fan_in_fan_out), bias)  # as the plain layer's
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, values = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ merged_matrix(ctx.weight, values, ctx.index, ctx.fan_in_fan_out)
+        grad_w = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1])  # d_out × d_in
+        grad_w = (grad_w.T if ctx.fan_in_fan_out else grad_w).reshape(-1)  # the storage layout of the index
+        if ctx.observe is not None:
+            ctx.observe(grad_w)
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[6] else None
+        return grad_x, grad_w[ctx.index], None, None, None, None, grad_bias
+
+
+def merged_sparse_linear(layer, x, values, index, observe=None, bias_delta=None) -> torch.Tensor:
+    """The whole output of Linear-family `layer` with scatter(values, index) added to its weight (and bias_delta to
+    its bias), computed in the values' dtype and returned in x's."""
+    bias = None if layer.bias is None else layer.bias.to(values.dtype)
+    if bias_delta is not None:
+        bias = bias_delta if bias is None else bias + bias_delta
+    return MergedSparseLinear.apply(x.to(values.dtype), values, layer.weight, index, is_fan_in_fan_out(layer),
+                                    observe, bias).to(x.dtype)
+
+
 class SparseLinearDelta(torch.autograd.Function):
     """x ΔWᵀ for x (N × d_in) and ΔW given by its values in mask order. Backward: ∂L/∂x = g ΔW, and ∂L/∂values =
     (gᵀ x) sampled at the mask (SDDMM), i.e. (∂L/∂W)[M] of §2 without forming it densely."""
@@ -190,8 +235,17 @@ class SaraAdapter(Adapter):
     def entries(self) -> list[SparseEntries]:
         return [e for e in (self.weight_entries, self.bias_entries) if e is not None]
 
+    @property
+    def computes_layer_output(self) -> bool:  # first unmerged adapter of a Linear: one merged matmul
+        return self.kind == LINEAR
+
+    def layer_output(self, layer, x):
+        entries = self.weight_entries
+        bias_delta = None if self.bias_entries is None else self.bias_entries.delta(layer.bias)
+        return merged_sparse_linear(layer, x, entries.values - entries.initial, entries.index, bias_delta=bias_delta)
+
     def forward(self, layer, x, out):
-        # Additive, out + layer(x; ΔW, Δb): the base output is reused and other adapters compose.
+        # Behind another adapter: out + layer(x; ΔW, Δb), the output so far is reused and adapters compose.
         delta_bias = None if self.bias_entries is None else self.bias_entries.delta(layer.bias)
         if not csr_kernels(self.pattern, x):  # conv, embedding, a dense mask or a GPU: dense ΔW, differentiable in p
             h = x if self.kind == EMBEDDING else x.to(self.weight_entries.values.dtype)

@@ -2,10 +2,10 @@
 
     W = W0 + scatter(δ, η),   η: k flat indices into W0 (buffer, saved),   δ: k deltas (trainable, 0 at init)
 
-The forward adds x scatter(δ, η)ᵀ to the base output with SaRA's CSR kernels (SparseLinearDelta: ∂L/∂δ is
-(∂L/∂W)[η], §2, never a dense parameter gradient), so the optimizer keeps state for the k entries only. During an
-accumulation phase the delta goes through a dense d_out × d_in tensor whose gradient hook sees G_W and
-accumulates Σg, Σg² at the top-k candidates of |G_W| (SpIEL-AG, §5). SpielStep (a training callback) runs the
+The layer computes x (W0 + scatter(δ, η))ᵀ in one matmul (sara.MergedSparseLinear: ∂L/∂δ is (∂L/∂W)[η], §2,
+gathered inside backward; never a dense parameter gradient), so the optimizer keeps state for the k entries only.
+During an accumulation phase backward hands the dense G_W to `observe`, which accumulates Σg, Σg² at the top-k
+candidates of |G_W| (SpIEL-AG, §5). Behind another adapter it adds x scatter(δ, η)ᵀ (SaRA's CSR kernels on CPU). SpielStep (a training callback) runs the
 schedule: every R steps, drop the n smallest |δ| and grow the n candidates with the largest |Σg|.
 variant="ma" (SpIEL-MA): no accumulation phase and no dense gradient ever; δ is trained by SftSM3 (§4: one
 accumulator per row and per column of W, applied by SpielStep before optimizer.step, which then skips δ) and
@@ -121,7 +121,13 @@ class SpielAdapter(Adapter):
         self.sum_g2 += c * c
         self.count += 1
 
-    def forward(self, layer, x, out):
+    computes_layer_output = True  # first unmerged adapter: x (W0 + ΔW)ᵀ in one matmul (sara.MergedSparseLinear)
+
+    def layer_output(self, layer, x):
+        return sara.merged_sparse_linear(layer, x, self.delta, self.positions,
+                                         observe=self.observe if self.accumulating else None)
+
+    def forward(self, layer, x, out):  # behind another adapter: add x ΔWᵀ
         h = x.to(self.delta.dtype)
         if self.accumulating or not sara.csr_kernels(self.pattern, x):
             flat = self.scattered(layer)

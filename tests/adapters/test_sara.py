@@ -16,9 +16,12 @@ TAU = 0.05  # TinyMLP weights are U(±1/√16) and U(±1/√24): about 20-25% of
 ALL_KINDS = ["emb", "proj", "conv1", "conv2", "lin"]
 
 
-@pytest.fixture(params=["sparse", "dense"])
+@pytest.fixture(params=["merged", "sparse", "dense"])
 def kernels(request, monkeypatch):
-    """Run a test with the Linear family on sparse kernels (SparseLinearDelta) and on the dense ΔW path."""
+    """Run a test on each Linear path: the first adapter's merged matmul (MergedSparseLinear), and, as if behind
+    another adapter (computes_layer_output off), the CSR kernels (SparseLinearDelta) and the dense ΔW."""
+    if request.param != "merged":
+        monkeypatch.setattr(sara.SaraAdapter, "computes_layer_output", False)
     monkeypatch.setattr(sara, "SPARSE_KERNEL_MAX_DENSITY", 1.0 if request.param == "sparse" else 0.0)
     return request.param
 
