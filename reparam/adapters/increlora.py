@@ -10,8 +10,9 @@ the training loop runs by itself before optimizer.step, scores every module on i
 the reserves of the top_h modules and creates new ones until the budget is reached (§7), and sets the learning
 rate of each group it added with its own restarted warm-up (§8). config.rank_pattern holds r_num per module and
 config.reserve_pattern the number of reserves, so load_adapter rebuilds the shapes.
-Scoring keeps a d_out × d_in gradient buffer per module and costs one d_out·d_in matmul per step until the
-budget is reached (the spec allows it; under gradient accumulation it sums all micro-batches).
+Scoring keeps a d_out × d_in gradient buffer per module until the budget is reached (the spec allows it; under
+gradient accumulation it sums all micro-batches); while it runs, the layer computes x (W0 + ΔW)ᵀ so that G is
+the dense ΔW's own gradient (one extra d_out·d_in·tokens matmul per step, as in any weight gradient).
 """
 from __future__ import annotations
 
@@ -140,6 +141,25 @@ class IncreLoraAdapter(Adapter):
         n = self.n_active if active_only else len(self.lora_A)
         return (torch.cat(list(self.lora_A)[:n]), torch.cat(list(self.lora_E)[:n]),
                 torch.cat(list(self.lora_B)[:n], dim=1))
+
+    @property
+    def computes_layer_output(self) -> bool:
+        """While scoring (without dropout) the layer runs as x (W0 + ΔW)ᵀ: the gradient autograd computes for the
+        dense ΔW is G itself (§6, the spec's "retain grad on the materialised ΔW"), and P, Q, λ get theirs from it
+        through one small r-rank product — the same big matmuls as LoRA's step plus one, not plus two."""
+        return self.score_grad is not None and self.dropout is None
+
+    def layer_output(self, layer, x):
+        Q, lam, P = self.factors()
+        delta = (P @ (Q * lam)) * self.scale
+        if delta.requires_grad:
+            delta.register_hook(self.add_score_grad)
+        weight = wide(as_matrix(layer, layer.weight)) + delta
+        return F.linear(x.to(weight.dtype), weight, None if layer.bias is None else wide(layer.bias)).to(x.dtype)
+
+    @torch.no_grad()
+    def add_score_grad(self, grad) -> None:
+        self.score_grad.add_(grad.to(self.score_grad.dtype))
 
     def forward(self, layer, x, out):
         Q, lam, P = self.factors()

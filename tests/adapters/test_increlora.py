@@ -12,7 +12,7 @@ import reparam
 from reparam.adapters.increlora import IncreLoraAllocator, restart_lr
 from reparam.core.model import get_record
 from reparam.training import Callback, method_callbacks, train
-from tests.helpers import TinyMLP, bert_adapted, kill_and_resume, quiet, train_in_hf_trainer
+from tests.helpers import TinyMLP, bert_adapted, kill_and_resume, quiet, randomize_adapters, train_in_hf_trainer
 from tests.training.tiny import synthetic_data, tiny_bert
 
 QV = ["query", "value"]
@@ -183,6 +183,28 @@ def test_score_sums_micro_batches():
     for half in (ids[:2], ids[2:]):
         model(input_ids=half).logits.sum().backward()
     torch.testing.assert_close(alloc.adapters()[QV_MODULE].score_grad, full, rtol=1e-5, atol=1e-7)
+
+
+def test_merged_scoring_path_equals_the_hooked_one(monkeypatch):
+    """While scoring, the first adapter computes x (W0 + ΔW)ᵀ and G is ΔW's gradient; behind another adapter a hook
+    on the r-rank output adds gᵀx. Same G, same factor and input gradients."""
+    from reparam.adapters.increlora import IncreLoraAdapter
+
+    results = []
+    for merged in (True, False):
+        if not merged:
+            monkeypatch.setattr(IncreLoraAdapter, "computes_layer_output", False)
+        model = bert_increlora()
+        randomize_adapters(model)
+        alloc, _ = allocator_for(model)
+        ids = torch.randint(1, 300, (4, 6), generator=torch.Generator().manual_seed(2))
+        model(input_ids=ids).logits.sin().sum().backward()
+        a = alloc.adapters()[QV_MODULE]
+        results.append((a.score_grad.clone(), [p.grad.clone() for p in a.parameters() if p.grad is not None]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-7)
+    assert len(results[0][1]) == len(results[1][1]) > 0
+    for g_merged, g_hooked in zip(*(r[1] for r in results)):
+        torch.testing.assert_close(g_merged, g_hooked, rtol=1e-4, atol=1e-7)
 
 
 # --- §5 orthogonality regulariser -----------------------------------------------------------------------------
