@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import torch
 
 from .threshold import kth_value
@@ -16,12 +17,18 @@ from .threshold import kth_value
 RESCALE_MODES = ("inverse_keep", "l1", "l2", "linf", "none")
 
 
-def generator_for(seed: int | None, model_index: int, key: str) -> torch.Generator:
-    """A CPU generator seeded from a stable hash of (seed, model index, tensor name)."""
+def generator_for(seed: int | None, model_index: int, key: str) -> np.random.Generator:
+    """A generator seeded from a stable hash of (seed, model index, tensor name). numpy's SFC64: its float32
+    uniforms cost ~2.4 ns an entry on this CPU where torch.bernoulli costs ~20, and DARE draws one per parameter."""
     digest = hashlib.sha256(f"{0 if seed is None else int(seed)}|{model_index}|{key}".encode()).digest()
-    g = torch.Generator()
-    g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-    return g
+    return np.random.Generator(np.random.SFC64(int.from_bytes(digest[:8], "little")))
+
+
+def uniform(gen: np.random.Generator, like: torch.Tensor) -> torch.Tensor:
+    """float32 uniforms in [0, 1) shaped and placed like `like`, drawn in its row-major order (so row chunks of a
+    tensor drawn one after the other get the same values as the whole tensor)."""
+    u = torch.from_numpy(gen.random(like.numel(), dtype=np.float32)).view(like.shape)
+    return u if like.device.type == "cpu" else u.to(like.device)
 
 
 def _with_ties(flat: torch.Tensor, beyond: torch.Tensor, t: torch.Tensor, n: int) -> torch.Tensor:
@@ -111,14 +118,14 @@ def magnitude(delta: torch.Tensor, density: float, *, threshold: float | None = 
     return rescale(delta, kept, rescale_mode, min(1.0, max(density, 1e-12)))
 
 
-def bernoulli(delta: torch.Tensor, density: float, gen: torch.Generator, rescale_mode: str = "inverse_keep"
+def bernoulli(delta: torch.Tensor, density: float, gen: np.random.Generator, rescale_mode: str = "inverse_keep"
               ) -> torch.Tensor:
-    """DARE: keep each entry independently with probability `density`, then rescale."""
+    """DARE: keep each entry independently with probability `density` (uniform < density), then rescale."""
     if density >= 1:
         return delta
     if density <= 0:
         return torch.zeros_like(delta)
-    mask = torch.bernoulli(torch.full_like(delta, density, dtype=torch.float32), generator=gen)
+    mask = uniform(gen, delta).lt_(density)  # 0/1 floats in the uniforms' storage (float*bool is far slower)
     return rescale(delta, mask.mul_(delta), rescale_mode, density)  # mask * delta, in the mask's storage
 
 
@@ -141,7 +148,7 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float = 0.01,
     return rescale(delta, kept, rescale_mode, max(density, 1e-12))
 
 
-def magprune(delta: torch.Tensor, density: float, epsilon: float, gen: torch.Generator,
+def magprune(delta: torch.Tensor, density: float, epsilon: float, gen: np.random.Generator,
              rescale_mode: str = "inverse_keep") -> torch.Tensor:
     """DELLA MAGPRUNE: per row, keep probability rises linearly with magnitude rank from density-eps to
     density+eps (rows = last dimension; a 1-D tensor is one row; a row of length 1 gets rank 1)."""
@@ -161,7 +168,6 @@ def magprune(delta: torch.Tensor, density: float, epsilon: float, gen: torch.Gen
     else:
         ranks = torch.ones_like(x)
     p = (density - epsilon) + 2 * epsilon * ranks
-    mask = torch.bernoulli(p, generator=gen)
-    kept = x * mask
+    kept = x * uniform(gen, p).lt_(p)
     out = rescale(x, kept, rescale_mode, p)
     return out.reshape(delta.shape)

@@ -5,7 +5,7 @@ import torch
 
 from reparam.merging.methods.dare import dare
 from reparam.merging.sparsify import (bernoulli, generator_for, largest_mask, magnitude, magnitude_outliers, magprune,
-                                    smallest_mask)
+                                    smallest_mask, uniform)
 
 
 def test_smallest_mask_exact_count_with_ties():
@@ -70,12 +70,18 @@ def test_dare_expectation():
         assert ((mean - delta).abs() <= tol).all(), (p, mean)
 
 
-def test_generator_independence():
-    a = torch.rand(100, generator=generator_for(1, 0, "k"))
-    assert torch.equal(a, torch.rand(100, generator=generator_for(1, 0, "k")))
-    assert not torch.equal(a, torch.rand(100, generator=generator_for(1, 1, "k")))
-    assert not torch.equal(a, torch.rand(100, generator=generator_for(1, 0, "k2")))
-    assert not torch.equal(a, torch.rand(100, generator=generator_for(2, 0, "k")))
+def test_generator_independence_and_chunking():
+    draw = lambda *key, n=100: uniform(generator_for(*key), torch.empty(n))  # noqa: E731
+    a = draw(1, 0, "k")
+    assert torch.equal(a, draw(1, 0, "k")) and a.dtype == torch.float32 and 0 <= a.min() and a.max() < 1
+    assert not torch.equal(a, draw(1, 1, "k"))
+    assert not torch.equal(a, draw(1, 0, "k2"))
+    assert not torch.equal(a, draw(2, 0, "k"))
+    # row chunks drawn one after the other (odd sizes included) equal the whole tensor's draw
+    g = generator_for(1, 0, "k")
+    chunks = torch.cat([uniform(g, torch.empty(3, 7)).reshape(-1), uniform(g, torch.empty(5, 7)).reshape(-1),
+                        uniform(g, torch.empty(44)).reshape(-1)])
+    torch.testing.assert_close(chunks, a, atol=0, rtol=0)
 
 
 def test_magprune_expectation_and_keep_rates():

@@ -41,7 +41,7 @@ class DareParams:
         check_choice("consensus_method", self.consensus_method, ("sum", "count"))
 
 
-def dare(delta: torch.Tensor, density: float, gen: torch.Generator, rescale: bool = True,
+def dare(delta: torch.Tensor, density: float, gen, rescale: bool = True,
          rescale_mode: str = "inverse_keep") -> torch.Tensor:
     """Drop-and-rescale one float32 delta (density = 1 - drop rate p)."""
     return bernoulli(delta, density, gen, rescale_mode if rescale else "none")

@@ -74,7 +74,7 @@ class DarexModelParams:
         return float(self.density)
 
 
-def darex(delta: torch.Tensor, density: float, q: float, gen: torch.Generator) -> torch.Tensor:
+def darex(delta: torch.Tensor, density: float, q: float, gen) -> torch.Tensor:
     """DAREx-q on one float32 delta: DARE's mask (keep probability `density`), survivors divided by q."""
     return bernoulli(delta, density, gen, rescale_mode="none") / q
 
