@@ -130,3 +130,19 @@ def train_in_hf_trainer(model, output_dir, max_steps=6, **args):
                       data_collator=lambda feats: data.collate([f["row"] for f in feats]))
     trainer.train()
     return trainer, bridge
+
+
+# --- SaRA / SpIEL: the three paths a Linear's sparse delta can take -------------------------------------------------
+
+SPARSE_PATHS = ["merged", "sparse", "dense"]
+
+
+def use_sparse_path(path, monkeypatch, adapter_cls):
+    """Run a test on one Linear path: the first adapter's merged matmul (sara.MergedSparseLinear), or, as if behind
+    another adapter (computes_layer_output off), the CSR kernels (SparseLinearDelta) or the dense ΔW."""
+    from reparam.adapters import sara
+
+    if path != "merged":
+        monkeypatch.setattr(adapter_cls, "computes_layer_output", False)
+    monkeypatch.setattr(sara, "SPARSE_KERNEL_MAX_DENSITY", 1.0 if path == "sparse" else 0.0)
+    return path

@@ -10,20 +10,15 @@ from reparam.adapters.sara import SaraStep
 from reparam.core.errors import ConfigError
 from reparam.io.files import read_safetensors
 from reparam.training.callbacks import TrainState
-from tests.helpers import MixedKinds, TinyMLP
+from tests.helpers import SPARSE_PATHS, MixedKinds, TinyMLP, use_sparse_path
 
 TAU = 0.05  # TinyMLP weights are U(±1/√16) and U(±1/√24): about 20-25% of the entries are below τ
 ALL_KINDS = ["emb", "proj", "conv1", "conv2", "lin"]
 
 
-@pytest.fixture(params=["merged", "sparse", "dense"])
+@pytest.fixture(params=SPARSE_PATHS)
 def kernels(request, monkeypatch):
-    """Run a test on each Linear path: the first adapter's merged matmul (MergedSparseLinear), and, as if behind
-    another adapter (computes_layer_output off), the CSR kernels (SparseLinearDelta) and the dense ΔW."""
-    if request.param != "merged":
-        monkeypatch.setattr(sara.SaraAdapter, "computes_layer_output", False)
-    monkeypatch.setattr(sara, "SPARSE_KERNEL_MAX_DENSITY", 1.0 if request.param == "sparse" else 0.0)
-    return request.param
+    return use_sparse_path(request.param, monkeypatch, sara.SaraAdapter)
 
 
 def adapted(dtype=torch.float32, targets=("fc1", "fc2"), model_cls=TinyMLP, **fields):

@@ -5,24 +5,20 @@ import pytest
 import torch
 
 import reparam
-from reparam.adapters import sara, spiel
+from reparam.adapters import spiel
 from reparam.adapters.spiel import SpielStep, reselection_rate
 from reparam.core.errors import ConfigError
 from reparam.io.files import read_safetensors
 from reparam.training.callbacks import TrainState
-from tests.helpers import TinyMLP, adapt_tiny_mlp, assert_merge_round_trip, randomize_adapters
+from tests.helpers import (SPARSE_PATHS, TinyMLP, adapt_tiny_mlp, assert_merge_round_trip, randomize_adapters,
+                           use_sparse_path)
 
 DENSITY = 0.25
 
 
-@pytest.fixture(params=["merged", "sparse", "dense"])
+@pytest.fixture(params=SPARSE_PATHS)
 def kernels(request, monkeypatch):
-    """Run a test on each Linear path: the first adapter's merged matmul (MergedSparseLinear), and, as if behind
-    another adapter (computes_layer_output off), the CSR kernels (SparseLinearDelta) and the dense ΔW."""
-    if request.param != "merged":
-        monkeypatch.setattr(spiel.SpielAdapter, "computes_layer_output", False)
-    monkeypatch.setattr(sara, "SPARSE_KERNEL_MAX_DENSITY", 1.0 if request.param == "sparse" else 0.0)
-    return request.param
+    return use_sparse_path(request.param, monkeypatch, spiel.SpielAdapter)
 
 
 def adapted(dtype=torch.float32, **fields):
