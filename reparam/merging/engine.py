@@ -229,7 +229,7 @@ def _merge_key(plan: Plan, kp: KeyPlan, base, tensors, thresholds, sidecars=None
     else:
         if sidecars is None:
             sidecars = _load_sidecars(plan, kp)
-        ctx = TensorContext(kp.key, plan.seed, list(range(len(plan.inputs))), thresholds, sidecars)
+        ctx = TensorContext(kp.key, plan.seed, list(range(len(plan.inputs))), thresholds, sidecars, kp.out_dtype)
         out = plan.spec.kernel(base, tensors, kp.per_model, kp.params, ctx).to(kp.out_dtype)
         if kp.tail:
             out = append_rows(out, kp.key, kp.tail)

@@ -133,3 +133,27 @@ def test_sparsifiers_in_place_only_when_allowed():
     before = keep.clone()
     dropped = bernoulli(keep, 0.5, generator_for(0, 0, "k"))  # masks in its own storage
     assert torch.equal(keep, before) and torch.equal(dropped[dropped != 0], keep[dropped != 0] / 0.5)
+
+
+@pytest.mark.parametrize("weights,normalize", [([1.0, 1.0, 1.0], True), ([0.2, 0.5, 0.3], True),
+                                               ([2.0, -1.0, 0.5], False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_blocks_equal_the_whole_tensor_sum_and_leave_inputs_alone(monkeypatch, weights, normalize, dtype):
+    from reparam.merging.methods import linear
+    from reparam.merging.methods.base import TensorContext
+    from reparam.merging.methods.task_arithmetic import WeightParams
+
+    monkeypatch.setattr(linear, "BLOCK", 7)  # several blocks and a ragged last one on 6 x 9 tensors
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(6, 9, generator=g).to(dtype) for _ in weights]
+    before = [t.clone() for t in tensors]
+    ctx = TensorContext("w", out_dtype=torch.bfloat16)
+    out = linear.merge_tensor(None, tensors, [WeightParams(weight=w) for w in weights],
+                              linear.LinearParams(normalize=normalize), ctx)
+    acc = torch.zeros(6, 9)
+    for w, t in zip(weights, tensors):
+        acc += w * t.float()
+    if normalize:
+        acc /= sum(weights)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, acc.to(torch.bfloat16))  # bit-identical
+    assert all(torch.equal(t, b) for t, b in zip(tensors, before))

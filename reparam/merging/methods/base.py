@@ -16,6 +16,7 @@ class TensorContext:
     model_indices: list[int] = field(default_factory=list)  # position of each input model in the config
     thresholds: list | None = None  # global-scope statistics, one entry per model (TIES: trim threshold)
     sidecars: list | None = None  # one extra tensor per model for this key (MethodSpec.sidecar), e.g. Fisher
+    out_dtype: torch.dtype | None = None  # the output's dtype: a kernel may return it directly instead of float32
 
 
 @dataclass(frozen=True)
