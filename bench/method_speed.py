@@ -119,6 +119,9 @@ def main(argv=None):
     ap.add_argument("--mem-repeats", type=int, default=1)
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--update", action="store_true",
+                    help="keep the other variants' rows of the output JSON (their ratios come from their own run, "
+                         "each paired with its own LoRA rounds)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -141,25 +144,29 @@ def main(argv=None):
         print(f"round {rnd + 1}/{args.rounds}", file=sys.stderr)
     memory = {} if args.no_memory else {v: measure_memory(v, args.mem_steps, args.threads, args.mem_repeats)
                                         for v in variants}
-    rows = {}
+    out = Path(args.out)
+    previous = out / "method_speed.json"
+    rows = {v: r for v, r in json.loads(previous.read_text())["rows"].items()
+            if v not in variants and v in VARIANTS} if args.update and previous.exists() else {}
     for v in variants:
         ratio = paired(step_ms[v], step_ms["lora"])
         rows[v] = {"budget": VARIANTS[v].budget, "trainable": built[v][3], "setup_s": built[v][2],
                    "step_ms": statistics.median(step_ms[v]), "time_ratio": ratio,
                    "peak_rss_delta_mb": memory.get(v),
                    "memory_ratio": memory[v] / memory["lora"] if memory else None}
+    rows = {v: rows[v] for v in ["lora", *(v for v in VARIANTS if v in rows and v != "lora")]}  # table order
     lines = [f"Batch {BATCH} x seq {SEQ}, {args.threads} threads, {args.rounds} rounds x {args.steps} steps; "
-             f"torch {torch.__version__}; {_cpu_name()}.", "",
+             f"torch {torch.__version__}; {_cpu_name()}."
+             + (" Rows not in this run's --variants kept from an earlier run (--update)." if args.update else ""), "",
              "| method | budget | trainable | set-up s | step ms | time / LoRA [p25-p75] | peak RSS Δ MB | memory / LoRA |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for v, r in rows.items():
         t = r["time_ratio"]
-        mem = f"{r['peak_rss_delta_mb']:.0f} | {r['memory_ratio']:.2f}" if memory else "- | -"
+        mem = f"{r['peak_rss_delta_mb']:.0f} | {r['memory_ratio']:.2f}" if r["memory_ratio"] is not None else "- | -"
         lines.append(f"| {v} | {r['budget']} | {r['trainable']:,} | {r['setup_s']:.2f} | {r['step_ms']:.0f} | "
                      f"{t['median']:.2f} [{t['p25']:.2f}-{t['p75']:.2f}] | {mem} |")
     md = "\n".join(lines) + "\n"
     print(md)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "method_speed.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1) + "\n")
     (out / "method_speed.md").write_text("# Method step time and memory vs reparam LoRA\n\n" + md)
