@@ -12,7 +12,7 @@ exactly as §2.2 / pitfall 1 ask; on Llama / GPT-2 `mlp.down_proj` / `mlp.c_proj
 attention output projection the attention block's input (§2.2 adds Adapter(x) before out_proj, which is the same
 function class: out_proj is linear). Any other module reads its own input (a Linear that is the whole FFN: §8.3).
 
-MAM (§2.4) = prefix tuning (adapters/prefix.py) on the attention key projections + a scaled parallel FFN adapter.
+MAM (§2.4) is adapters/mam.py: prefix tuning (adapters/prefix.py) plus the scaled parallel adapter at the FFN.
 Adapters are non-linear (ReLU), so they cannot be merged (§5): merge raises a clear error; unload(merge_active=False)
 removes them.
 """
@@ -28,7 +28,6 @@ from torch import nn
 from ..core.errors import ReparamError, TargetError
 from ..core.layers import LINEAR, Adapter, adapter_dtype, linear_dims
 from ..core.registry import MethodConfig, register
-from .prefix import KEY_PROJECTIONS, NO_MERGE, PrefixPart, attach_prefixes, detach_prefixes
 
 LAYERNORM_OPTIONS = ("none", "in", "out")
 INIT_OPTIONS = ("lora", "bert")
@@ -190,81 +189,6 @@ register("parallel_adapter", ParallelAdapterConfig, BottleneckAdapter,
          "parallel adapter: y + s·Adapter(x) from the adapted module's input (not mergeable)")
 register("scaled_parallel_adapter", ScaledParallelAdapterConfig, BottleneckAdapter,
          "scaled parallel adapter (He et al. 2022): parallel, s = 4, r = 512, LoRA init, no LN")
-
-
-@dataclass
-class MamConfig(MethodConfig):
-    """MAM adapter (§2.4, the XSum / en-ro scripts of §4): a 30-vector prefix at every attention, MLP-reparameterised
-    (mid 800), and a scaled parallel adapter at every FFN (r 512, s 4, LoRA init, no LN) reading h1."""
-    prefix_len: int = 30
-    prefix_mlp: bool = True
-    mid_dim: int = 800
-    r: int = 512
-    scale: float | str = 4.0
-    input_from: str = "auto"
-
-    def __post_init__(self):
-        self.prefix_config(), self.ffn_config()  # the same checks, the same messages
-
-    def prefix_config(self):
-        from .prefix import PrefixTuningConfig
-        return PrefixTuningConfig(prefix_len=self.prefix_len, mlp=self.prefix_mlp, mid_dim=self.mid_dim)
-
-    def ffn_config(self):
-        return ScaledParallelAdapterConfig(r=self.r, scale=self.scale, input_from=self.input_from)
-
-
-def is_key_projection(name: str) -> bool:
-    return name.rpartition(".")[2] in KEY_PROJECTIONS
-
-
-class MamAdapter(Adapter):
-    """On a key projection: that attention's prefix (PrefixPart); elsewhere: the scaled parallel FFN adapter."""
-
-    supported_kinds = (LINEAR,)
-
-    def __init__(self, layer, config: MamConfig, init: bool = True):
-        super().__init__(layer, config)
-        if is_key_projection(layer.reparam_name):
-            self.prefix_part = PrefixPart(layer, config.prefix_config(), init)
-        else:
-            self.ffn = BottleneckAdapter(layer, config.ffn_config(), init)
-
-    @classmethod
-    def default_targets(cls, model):
-        keys = "|".join(KEY_PROJECTIONS)
-        return f"re:.*\\.({keys})|.*(?<!attention)\\.output\\.dense|.*\\.mlp\\.(down_proj|c_proj)"
-
-    @classmethod
-    def attach_model(cls, model, name, layers):
-        config = layers[0].adapters[name].config
-        keys = [layer for layer in layers if hasattr(layer.adapters[name], "prefix_part")]
-        ffns = [layer for layer in layers if hasattr(layer.adapters[name], "ffn")]
-        if not keys or not ffns:
-            raise TargetError(f"mam_adapter needs attention key projections ({', '.join(KEY_PROJECTIONS)}) and FFN "
-                              f"output projections among its targets; got {[layer.reparam_name for layer in layers]}")
-        attach_prefixes(model, keys, [layer.adapters[name].prefix_part for layer in keys], config.prefix_config())
-        attach_inputs(model, name, ffns, [layer.adapters[name].ffn for layer in ffns])
-
-    @classmethod
-    def detach_model(cls, model, name):
-        detach_prefixes(model)
-
-    def forward(self, layer, x, out):
-        return self.ffn(layer, x, out) if hasattr(self, "ffn") else out
-
-    def delta_weight(self, layer):
-        if hasattr(self, "prefix_part"):
-            raise ReparamError(f"mam_adapter on {layer.reparam_name}: {NO_MERGE}")
-        return self.ffn.delta_weight(layer)
-
-    def detach_from(self, layer):
-        if hasattr(self, "ffn"):
-            self.ffn.detach_from(layer)
-
-
-register("mam_adapter", MamConfig, MamAdapter,
-         "MAM adapter (He et al. 2022): prefix tuning (l=30) at attention + scaled parallel FFN adapter (r=512, s=4)")
 
 
 def bottleneck_param_count(d: int, r: int, layernorm: bool = False, d_out: int | None = None) -> int:
