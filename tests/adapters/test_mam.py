@@ -83,3 +83,20 @@ def test_mam_finetune_cli(tmp_path, minilm_path, glue_dir):
     saved = json.loads((out / "reparam_adapter.json").read_text())
     assert saved["method"] == "mam_adapter" and len(saved["modules"]) == 12
     assert {m.rsplit(".", 2)[-2] + "." + m.rsplit(".", 1)[-1] for m in saved["modules"]} == {"self.key", "output.dense"}
+
+
+def test_mam_on_a_causal_lm_from_config():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    reparam.adapt(model, reparam.make_config("mam_adapter", prefix_len=3, mid_dim=8, r=4))
+    assert model.reparam_adapters["default"].modules == [
+        f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.k_proj", "mlp.down_proj")]
+    assert model.model.layers[0].mlp.down_proj.adapters.default.ffn.reads == "mlp"
+    ids = torch.randint(0, 100, (2, 8))
+    model(ids, labels=ids).loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and all(".adapters." in n for n in grads)
+    assert any("prefix_part.mlp" in n for n in grads) and any("ffn.bottleneck.up" in n for n in grads)  # Up = 0 at init: Down gets no gradient yet
