@@ -27,7 +27,7 @@ from ..core.errors import ConfigError
 from ..core.layers import LINEAR, Adapter, adapter_dtype, factory_like, linear_dims, wide
 from ..core.registry import MethodConfig, register
 from ..training.allocators import RankAllocator, extend_scheduler_groups
-from .lora import as_matrix
+from .lora import as_matrix, output_with_delta
 
 ADD_R = {2: 1, 4: 2, 6: 3, 8: 4}  # §7: add_r by target_rank in the reference scripts
 RESERVE_LAMBDA = 1e-5  # §3–4: frozen λ of a reserve under advance learning
@@ -154,8 +154,7 @@ class IncreLoraAdapter(Adapter):
         delta = (P @ (Q * lam)) * self.scale
         if delta.requires_grad:
             delta.register_hook(self.add_score_grad)
-        weight = wide(as_matrix(layer, layer.weight)) + delta
-        return F.linear(x.to(weight.dtype), weight, None if layer.bias is None else wide(layer.bias)).to(x.dtype)
+        return output_with_delta(layer, x, delta)
 
     @torch.no_grad()
     def add_score_grad(self, grad) -> None:

@@ -26,6 +26,14 @@ from ..core.svd import svd_split
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
+def output_with_delta(layer, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The whole output of Linear-family `layer` with a dense `delta` (d_out x d_in) added to its weight, computed in
+    the delta's dtype (float32 or float64) and returned in x's: one matmul, for adapters whose dense update is
+    cheaper than their factored one (SVFit at high rank, IncreLoRA while it scores)."""
+    weight = wide(as_matrix(layer, layer.weight)) + delta
+    return F.linear(x.to(weight.dtype), weight, None if layer.bias is None else wide(layer.bias)).to(x.dtype)
+
+
 def check_conv(layer, method: str) -> None:
     """Low-rank conv updates (LoRA, AdaLoRA) factor a plain convolution only."""
     if layer.groups != 1 or layer.padding_mode != "zeros":

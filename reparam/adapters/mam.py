@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from ..core.errors import ReparamError, TargetError
 from ..core.layers import LINEAR, Adapter
 from ..core.registry import MethodConfig, register
-from .prefix import KEY_PROJECTIONS, NO_MERGE, PrefixPart, PrefixTuningConfig, attach_prefixes, detach_prefixes
+from .prefix import (KEY_PATTERN, KEY_PROJECTIONS, NO_MERGE, PrefixPart, PrefixTuningConfig, attach_prefixes,
+                     detach_prefixes, is_key_projection)
 from .unified_adapters import BottleneckAdapter, ScaledParallelAdapterConfig, attach_inputs
 
 
@@ -37,10 +38,6 @@ class MamConfig(MethodConfig):
         return ScaledParallelAdapterConfig(r=self.r, scale=self.scale, input_from=self.input_from)
 
 
-def is_key_projection(name: str) -> bool:
-    return name.rpartition(".")[2] in KEY_PROJECTIONS
-
-
 class MamAdapter(Adapter):
     """On a key projection: that attention's prefix (PrefixPart); elsewhere: the scaled parallel FFN adapter."""
 
@@ -55,8 +52,7 @@ class MamAdapter(Adapter):
 
     @classmethod
     def default_targets(cls, model):
-        keys = "|".join(KEY_PROJECTIONS)
-        return f"re:.*\\.({keys})|.*(?<!attention)\\.output\\.dense|.*\\.mlp\\.(down_proj|c_proj)"
+        return f"re:{KEY_PATTERN}|.*(?<!attention)\\.output\\.dense|.*\\.mlp\\.(down_proj|c_proj)"
 
     @classmethod
     def attach_model(cls, model, name, layers):

@@ -28,6 +28,7 @@ from ..core.layers import LINEAR, Adapter, adapter_dtype, linear_dims
 from ..core.registry import MethodConfig, register
 
 KEY_PROJECTIONS = ("key", "k_proj")  # BERT/RoBERTa, Llama/Mistral/Qwen/...
+KEY_PATTERN = r".*\.(" + "|".join(KEY_PROJECTIONS) + ")"  # the key projections as a target regex
 IMPL = "reparam_prefix_"
 SOURCE = "_reparam_prefix_keys"  # attention module -> its adapted key projection (set in the module's __dict__)
 INNER = ("sdpa", "eager")
@@ -93,9 +94,6 @@ class PrefixMLP(nn.Module):
         lo, hi = self.offsets[i], self.offsets[i + 1]
         return F.linear(torch.tanh(self.down(self.embedding.weight)), self.up.weight[lo:hi], self.up.bias[lo:hi])
 
-    def forward(self) -> torch.Tensor:
-        return self.up(torch.tanh(self.down(self.embedding.weight)))
-
 
 def prefix_param_count(prefix_len: int, d_model: int) -> int:
     """2·l·d per attention module once the MLP is collapsed (§3)."""
@@ -113,8 +111,7 @@ class PrefixPart(nn.Module):
 
     def __init__(self, layer, config, init: bool):
         super().__init__()
-        self.prefix_len, self.d_model = config.prefix_len, linear_dims(layer)[0]
-        self.d_kv, self.index = linear_dims(layer)[1], 0
+        (self.d_model, self.d_kv), self.index = linear_dims(layer), 0
         self.factory = dict(dtype=adapter_dtype(layer), device=layer.weight.device)
         self.dropout = nn.Dropout(config.dropout)
         if not config.mlp:
@@ -131,21 +128,25 @@ class PrefixPart(nn.Module):
         return p[:, :self.d_kv], p[:, self.d_kv:]
 
 
+def is_key_projection(name: str) -> bool:
+    return name.rpartition(".")[2] in KEY_PROJECTIONS
+
+
 def attach_prefixes(model: nn.Module, layers: list, parts: list[PrefixPart], config) -> None:
     """Number the parts, build the shared MLP on the first, and route each attention module to its key layer."""
     modules = dict(model.named_modules())
+    register_attention()
     for i, (layer, part) in enumerate(zip(layers, parts)):
-        parent_name, _, attr = layer.reparam_name.rpartition(".")
+        parent_name = layer.reparam_name.rpartition(".")[0]
         attention = modules.get(parent_name)
         impl = getattr(getattr(attention, "config", None), "_attn_implementation", "missing")
-        if attr not in KEY_PROJECTIONS or impl == "missing":
+        if not is_key_projection(layer.reparam_name) or impl == "missing":
             raise TargetError(f"{config.method}: module {layer.reparam_name!r} is not the key projection of a Hugging "
                               f"Face attention module; target the key projections ({', '.join(KEY_PROJECTIONS)})")
         inner = (impl or "eager").removeprefix(IMPL)
         if inner not in INNER:
             raise ReparamError(f"{config.method}: {parent_name} uses attention implementation {impl!r}; prefix tuning "
                                f"runs on {' or '.join(INNER)} (load the model with attn_implementation='sdpa')")
-        register_attention()
         attention.config._attn_implementation = IMPL + inner
         attention.__dict__[SOURCE] = layer
         part.index = i
@@ -205,9 +206,9 @@ def prefix_attention_forward(module, query, key, value, attention_mask, **kwargs
                     .expand(b, -1, -1, -1) for i in (0, 1))
         key, value = torch.cat([p_k, key], dim=2), torch.cat([p_v, value], dim=2)
         if attention_mask is None and getattr(module, "is_causal", False) and q_len > 1:
-            attention_mask = torch.zeros(q_len, n_ctx, dtype=query.dtype, device=query.device).masked_fill(
-                torch.ones(q_len, n_ctx, dtype=torch.bool, device=query.device).tril(n_ctx - q_len).logical_not(),
-                torch.finfo(query.dtype).min)  # causal, aligned to the last query (a cache in front)
+            # causal, aligned to the last query (a cache in front): -inf above diagonal n_ctx - q_len
+            attention_mask = torch.full((q_len, n_ctx), torch.finfo(query.dtype).min, dtype=query.dtype,
+                                        device=query.device).triu(n_ctx - q_len + 1)
         if attention_mask is not None:
             pad = torch.zeros(*attention_mask.shape[:-1], p_k.shape[2], dtype=attention_mask.dtype,
                               device=attention_mask.device)
@@ -236,7 +237,7 @@ class PrefixAdapter(Adapter):
 
     @classmethod
     def default_targets(cls, model):
-        return "re:.*\\.(" + "|".join(KEY_PROJECTIONS) + ")"
+        return "re:" + KEY_PATTERN
 
     @classmethod
     def attach_model(cls, model, name, layers):

@@ -25,7 +25,7 @@ from ..core.layers import (CONV, EMBEDDING, LINEAR, Adapter, adapter_dtype, is_f
                            linear_dims, wide)
 from ..core.model import active_adapters, adapted_layers, get_record
 from ..core.registry import MethodConfig, register
-from ..training.callbacks import Callback
+from ..training.callbacks import Callback, learning_rates
 from .lora import as_matrix
 
 
@@ -310,7 +310,7 @@ class SaraStep(Callback):
                 values.grad = grad if values.grad is None else values.grad.add_(grad)
 
     def after_optimizer_step(self, state):
-        lr = {id(p): g["lr"] for g in state.optimizer.param_groups for p in g["params"]} if state.optimizer else {}
+        lr = learning_rates(state.optimizer)
         for cfg, pairs in self.sara_adapters(state.model):
             t_prog = cfg.progressive_iter if cfg.progressive_iter is not None else max(state.total_steps // 2, 1)
             reselect = t_prog != -1 and state.global_step + 1 == t_prog

@@ -5,8 +5,9 @@
 The layer computes x (W0 + scatter(δ, η))ᵀ in one matmul (sara.MergedSparseLinear: ∂L/∂δ is (∂L/∂W)[η], §2,
 gathered inside backward; never a dense parameter gradient), so the optimizer keeps state for the k entries only.
 During an accumulation phase backward hands the dense G_W to `observe`, which accumulates Σg, Σg² at the top-k
-candidates of |G_W| (SpIEL-AG, §5). Behind another adapter it adds x scatter(δ, η)ᵀ (SaRA's CSR kernels on CPU). SpielStep (a training callback) runs the
-schedule: every R steps, drop the n smallest |δ| and grow the n candidates with the largest |Σg|.
+candidates of |G_W| (SpIEL-AG, §5). Behind another adapter it adds x scatter(δ, η)ᵀ (SaRA's CSR kernels on CPU).
+SpielStep (a training callback) runs the schedule: every R steps, drop the n smallest |δ| and grow the n
+candidates with the largest |Σg|.
 variant="ma" (SpIEL-MA): no accumulation phase and no dense gradient ever; δ is trained by SftSM3 (§4: one
 accumulator per row and per column of W, applied by SpielStep before optimizer.step, which then skips δ) and
 grows where row_acc[i]·col_acc[j] is largest among the inactive positions.
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from ..core.layers import LINEAR, Adapter, adapter_dtype, linear_dims, wide
 from ..core.model import active_adapters, adapted_layers, get_record
 from ..core.registry import MethodConfig, register
-from ..training.callbacks import Callback
+from ..training.callbacks import Callback, learning_rates
 from . import sara
 from .lora import as_matrix
 
@@ -89,7 +90,8 @@ class SpielAdapter(Adapter):
         self.accumulating = False
         self.clear_statistics()
         if config.variant == "ma":  # SM3 accumulators of the dense shape's rows and columns (§4); not in the file
-            for name, n in (("row_acc", layer.weight.shape[0]), ("col_acc", layer.weight.numel() // layer.weight.shape[0])):
+            rows, cols = layer.weight.shape[0], layer.weight.numel() // layer.weight.shape[0]
+            for name, n in (("row_acc", rows), ("col_acc", cols)):
                 self.register_buffer(name, torch.zeros(n, dtype=torch.float32, device=layer.weight.device),
                                      persistent=False)
         self.restore(layer)
@@ -222,7 +224,7 @@ class SpielStep(Callback):
                     adapter.accumulating = cfg.variant == "ag"
 
     def before_optimizer_step(self, state):
-        lr = {id(p): g["lr"] for g in state.optimizer.param_groups for p in g["params"]} if state.optimizer else {}
+        lr = learning_rates(state.optimizer)
         for cfg, pairs in self.spiel_adapters(state.model):
             for _, adapter in pairs:
                 if cfg.variant == "ma" and adapter.delta.grad is not None:
@@ -230,7 +232,7 @@ class SpielStep(Callback):
 
     def after_optimizer_step(self, state):
         t = state.global_step + 1  # optimizer steps done
-        lr = {id(p): g["lr"] for g in state.optimizer.param_groups for p in g["params"]} if state.optimizer else {}
+        lr = learning_rates(state.optimizer)
         for cfg, pairs in self.spiel_adapters(state.model):
             rate = reselection_rate(t, cfg, state.total_steps)
             changed = 0

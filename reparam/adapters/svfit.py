@@ -21,7 +21,7 @@ from ..core.errors import ConfigError, ReparamError
 from ..core.layers import LINEAR, ResidualAdapter, adapter_dtype, wide
 from ..core.registry import MethodConfig, register
 from ..core.svd import svd, svd_split
-from .lora import as_matrix
+from .lora import as_matrix, output_with_delta
 
 RANK_MODES = ("fixed", "energy")
 PARAMETERIZATIONS = ("additive", "multiplicative")
@@ -125,8 +125,7 @@ class SvfitAdapter(ResidualAdapter):
         return out.add_(F.linear(h, self.left_vectors).to(out.dtype))
 
     def layer_output(self, layer, x):
-        weight = wide(as_matrix(layer, layer.weight)) + self.singular_part(self.sigma_hat())
-        return F.linear(x.to(weight.dtype), weight, None if layer.bias is None else wide(layer.bias)).to(x.dtype)
+        return output_with_delta(layer, x, self.singular_part(self.sigma_hat()))
 
     def singular_part(self, sigma: torch.Tensor) -> torch.Tensor:
         """U_r diag(sigma) V_rᵀ in float32 (or float64), d_out x d_in."""

@@ -86,6 +86,12 @@ class Callback:
         pass
 
 
+def learning_rates(optimizer) -> dict[int, float]:
+    """{id(parameter): its group's current learning rate}; empty without an optimizer. For callbacks that update
+    some parameters themselves (SaRA's and SpIEL's decoupled weight decay, SpIEL-MA's SM3 step)."""
+    return {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]} if optimizer is not None else {}
+
+
 def call(callbacks, hook: str, state: TrainState, *args) -> None:
     for cb in callbacks:
         getattr(cb, hook)(state, *args)

@@ -223,3 +223,19 @@ def test_finetune_cli_targets_the_key_projections(tmp_path, minilm_path, glue_di
     saved = json.loads((out / "reparam_adapter.json").read_text())
     assert saved["method"] == "prefix_tuning" and saved["modules_to_save"] == ["classifier"]
     assert saved["modules"] == [f"bert.encoder.layer.{i}.attention.self.key" for i in range(6)]
+
+
+def test_missing_causal_mask_is_built_aligned_to_the_last_query():
+    """A causal module handed no mask (a mask builder that skipped it) gets the explicit causal mask, prefix visible,
+    aligned to the last query when a cache makes the keys longer than the queries."""
+    from reparam.adapters.prefix import prefix_attention_forward
+
+    model = reparam.adapt(tiny_llama(), reparam.make_config("prefix_tuning", prefix_len=3, mid_dim=16))
+    attention = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 4, 3, 8, generator=g)
+    k, v = (torch.randn(2, 2, 5, 8, generator=g) for _ in range(2))  # 2 cached positions in front of 3 queries
+    causal = torch.zeros(3, 5).masked_fill(torch.ones(3, 5, dtype=torch.bool).triu(3), torch.finfo(torch.float32).min)
+    explicit, _ = prefix_attention_forward(attention, q, k, v, causal[None, None], scaling=8 ** -0.5, dropout=0.0)
+    implicit, _ = prefix_attention_forward(attention, q, k, v, None, scaling=8 ** -0.5, dropout=0.0)
+    torch.testing.assert_close(implicit, explicit, atol=0, rtol=0)
