@@ -10,8 +10,10 @@ method module's docstring lists its deliberate differences. The main ones:
 * every merge is computed in float32 and cast once (mergekit adds deltas in the load dtype);
 * ``weight`` defaults to 1.0 (mergekit requires it); unknown parameters are errors;
 * DARE and DELLA rescale by the inverse keep probability by default (papers; ``rescale_mode: l1`` gives
-  current mergekit's norm matching); random masks are seeded per (seed, model, tensor), so they are
-  reproducible but not mergekit's;
+  current mergekit's norm matching); random masks come from a counter-based stream keyed by (seed, model,
+  tensor), so they are reproducible (whatever the threads or chunking) but not mergekit's;
+* TIES, DARE and task arithmetic on float32/bfloat16 CPU tensors (up to 4 models) run in fused numba kernels
+  (fused.py), bit for bit equal to the torch code that serves everything else;
 * exact top-k ties are broken by lower index, and top-k keeps floor(density*numel) entries (mergekit 0.1.5
   keeps at least one); Breadcrumbs keeps ``density`` even when gamma*numel < 1 (as mergekit 0.1.5 does);
 * extensions: TIES ``scope: global`` (whole-model thresholds, one statistics pass of two sweeps),

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import shutil
 import struct
+import threading
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -224,10 +226,14 @@ def plan_shards(entries: list[tuple[str, tuple[int, ...], torch.dtype]], max_byt
 
 
 class ShardWriter:
-    """Write one safetensors file whose tensors (names, shapes, dtypes, order) are known up front."""
+    """Write one safetensors file whose tensors (names, shapes, dtypes, order) are known up front.
+
+    The bytes go to the file from a background thread, up to `depth` tensors behind: writing into the page
+    cache stalls once the kernel throttles dirty pages (seconds per GB on a slow disk), and the next tensors
+    can be merged meanwhile. A write error is raised by the next write() or close()."""
 
     def __init__(self, path: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]],
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, depth: int = 2):
         header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
         offset = 0
         self.expected = []
@@ -242,26 +248,50 @@ class ShardWriter:
         self.f.write(struct.pack("<Q", len(raw)))
         self.f.write(raw)
         self.pos = 0
+        self._pending: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="reparam-shard-writer", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while (buf := self._pending.get()) is not None:
+            if self._error is None:
+                try:
+                    self.f.write(buf)
+                except BaseException as e:  # raised in the caller's thread by the next write() / close()
+                    self._error = e
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
+        self._raise_error()
         ek, es, ed = self.expected[self.pos]
         if key != ek or tuple(tensor.shape) != es or tensor.dtype != ed:
             raise RuntimeError(f"writer expected {ek} {es} {ed}, got {key} {tuple(tensor.shape)} {tensor.dtype}")
         t = tensor.detach().cpu().contiguous().reshape(-1)
         if t.numel():
-            self.f.write(memoryview(t.view(torch.uint8).numpy()))
+            self._pending.put(memoryview(t.view(torch.uint8).numpy()))  # the view keeps `t` alive until written
         self.pos += 1
+
+    def _finish(self) -> None:
+        if self._thread.is_alive():
+            self._pending.put(None)
+            self._thread.join()
+        self.f.close()
 
     def abort(self) -> None:
         """Close the file after a failure (the caller deletes the temporary folder)."""
         if not self.f.closed:
-            self.f.close()
+            self._error = self._error or RuntimeError("aborted")  # skip what is still queued
+            self._finish()
 
     def close(self) -> None:
+        self._finish()
+        self._raise_error()
         if self.pos != len(self.expected):
-            self.f.close()
             raise RuntimeError(f"shard closed after {self.pos} of {len(self.expected)} tensors")
-        self.f.close()
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:

@@ -254,6 +254,33 @@ def test_failure_mid_merge_leaves_nothing(tmp_path, models_on_disk, monkeypatch)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_write_error_in_the_writer_thread_is_raised_and_leaves_nothing(tmp_path, models_on_disk, monkeypatch):
+    """Shards are written from a background thread: a failing write (disk full) reaches the caller and the
+    output folder never appears."""
+    from reparam.merging import io
+
+    base, models, bpath, paths = models_on_disk
+    real_init = io.ShardWriter.__init__
+
+    def failing_file(self, *a, **k):
+        real_init(self, *a, **k)
+        real_write = self.f.write
+        written = []
+
+        def write(buf):
+            written.append(1)
+            if len(written) == 2:
+                raise OSError(28, "No space left on device")
+            return real_write(buf)
+        self.f = type("F", (), {"write": staticmethod(write), "close": self.f.close,
+                                "closed": property(lambda _: False)})()
+    monkeypatch.setattr(io.ShardWriter, "__init__", failing_file)
+    with pytest.raises(OSError, match="No space left"):
+        merge_models(_config("linear", None, paths), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_validation_reads_headers_only(tmp_path, models_on_disk, monkeypatch):
     base, models, bpath, paths = models_on_disk
     bad = _bad_model(tmp_path, models[0], **{"lm_head.weight": torch.zeros(16, 9)})

@@ -21,6 +21,7 @@ from typing import Mapping, Sequence
 import torch
 
 from ..params import check_choice
+from ..fused import KEEP_RANDOM, KeepRule
 from ..sparsify import RESCALE_MODES, bernoulli
 from .base import MethodSpec
 from .gta import random_sparsified_kernel
@@ -47,9 +48,20 @@ def dare(delta: torch.Tensor, density: float, gen, rescale: bool = True,
     return bernoulli(delta, density, gen, rescale_mode if rescale else "none")
 
 
+def keep_rule(m: DensityParams, p: DareParams, gen) -> KeepRule | None:
+    """dare() as a fused KeepRule (norm-matching rescales need the whole tensor: torch path)."""
+    mode = p.rescale_mode if p.rescale else "none"
+    if m.density >= 1:
+        return KeepRule()
+    if mode not in ("inverse_keep", "none"):
+        return None
+    return KeepRule(KEEP_RANDOM, prob=max(m.density, 0.0), stream=gen,
+                    scale=m.density if mode == "inverse_keep" and m.density > 0 else 1.0)
+
+
 def _kernel(consensus: bool):
     return random_sparsified_kernel(
-        lambda delta, m, p, gen: dare(delta, m.density, gen, p.rescale, p.rescale_mode), consensus)
+        lambda delta, m, p, gen: dare(delta, m.density, gen, p.rescale, p.rescale_mode), consensus, keep_rule)
 
 
 SPEC_LINEAR = MethodSpec("dare_linear", DareParams, DensityParams, _kernel(False), randomized=True, casts_inputs=True,

@@ -9,6 +9,10 @@ Per tensor, as in mergekit's ``generalized_task_arithmetic``:
      (|.| < 1e-8 -> 1);
   4. if normalize: divide by the divisor; multiply by lambda; add to theta_0.
 
+Where :mod:`reparam.merging.fused` can take the tensors (float32/bfloat16 on the CPU, at most 4 models) and
+the method says how each model is sparsified as a :class:`~reparam.merging.fused.KeepRule`, the merge runs
+there in one fused pass, bit for bit equal to the torch code below, which serves everything else.
+
 Difference from mergekit: everything is computed in float32 and cast once at the end (mergekit adds the
 delta in the base dtype); `int8_mask` is accepted and ignored (it only saves memory in mergekit).
 """
@@ -18,6 +22,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .. import fused
 from ..sparsify import generator_for
 
 
@@ -48,7 +53,14 @@ def consensus_mask(weighted: Sequence[torch.Tensor], method: str) -> list[torch.
 
 def gta_merge_tensor(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
                      sparsify: Callable[[torch.Tensor, int], torch.Tensor] | None, consensus: str | None,
-                     normalize: bool, lambda_: float) -> torch.Tensor:
+                     normalize: bool, lambda_: float, keep_rules: Callable | None = None,
+                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`sparsify(delta, i)` trims model i's float32 delta (torch path); `keep_rules(base_array, model_arrays)`
+    says the same as fused KeepRules, or None where the fused kernel cannot do it."""
+    arrays = fused.inputs(base, tensors) if keep_rules is not None else None
+    rules = keep_rules(*arrays) if arrays is not None else None
+    if rules is not None:
+        return fused.merge(*arrays, base.shape, rules, weights, consensus, normalize, lambda_, out_dtype)
     b = base.float()
     weighted = []
     w = torch.tensor([float(x) for x in weights], dtype=torch.float32)
@@ -86,14 +98,23 @@ def gta_merge_tensor(base: torch.Tensor, tensors: Sequence[torch.Tensor], weight
     return mixed.add_(b)
 
 
-def random_sparsified_kernel(sparsify: Callable, consensus: bool) -> Callable:
+def random_sparsified_kernel(sparsify: Callable, consensus: bool, keep_rule: Callable | None = None) -> Callable:
     """A per-tensor kernel for DARE-style methods: each model's delta goes through
     sparsify(delta, model_params, params, generator) with a generator seeded by (seed, model, tensor), then the
-    weighted sum (consensus=False) or TIES sign election (consensus=True)."""
+    weighted sum (consensus=False) or TIES sign election (consensus=True). `keep_rule(model_params, params,
+    generator)` is the same draw as a fused KeepRule (or None: the torch path)."""
     def merge_tensor(base, tensors, per_model, params, ctx):
+        def stream(i):
+            return generator_for(ctx.seed, ctx.model_indices[i], ctx.key)
+
         def one(delta, i):
-            return sparsify(delta, per_model[i], params, generator_for(ctx.seed, ctx.model_indices[i], ctx.key))
+            return sparsify(delta, per_model[i], params, stream(i))
+
+        def rules(_base, _models):
+            found = [keep_rule(m, params, stream(i)) for i, m in enumerate(per_model)]
+            return None if any(r is None for r in found) else found
 
         return gta_merge_tensor(base, tensors, [m.weight for m in per_model], one,
-                                params.consensus_method if consensus else None, params.normalize, params.lambda_)
+                                params.consensus_method if consensus else None, params.normalize, params.lambda_,
+                                rules if keep_rule is not None else None, ctx.out_dtype)
     return merge_tensor

@@ -12,6 +12,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from ..fused import KeepRule
 from .base import MethodSpec, TensorContext
 from .gta import gta_merge_tensor
 
@@ -31,8 +32,8 @@ class WeightParams:
 
 def merge_tensor(base: torch.Tensor, tensors: Sequence[torch.Tensor], per_model: Sequence[WeightParams],
                  params: TaskArithmeticParams, ctx: TensorContext) -> torch.Tensor:
-    return gta_merge_tensor(base, tensors, [m.weight for m in per_model], None, None,
-                            params.normalize, params.lambda_)
+    return gta_merge_tensor(base, tensors, [m.weight for m in per_model], None, None, params.normalize,
+                            params.lambda_, lambda _base, models: [KeepRule()] * len(models), ctx.out_dtype)
 
 
 SPEC = MethodSpec("task_arithmetic", TaskArithmeticParams, WeightParams, merge_tensor, casts_inputs=True,

@@ -28,6 +28,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from ..fused import KEEP_MAGNITUDE, KeepRule, magnitude_threshold
 from ..params import check_choice, check_range
 from ..sparsify import RESCALE_MODES, magnitude
 from .base import MethodSpec, TensorContext
@@ -72,8 +73,29 @@ def merge_tensor(base: torch.Tensor, tensors: Sequence[torch.Tensor], per_model:
         return magnitude(delta, per_model[i].density, threshold=thr, topk_mode=params.topk_mode,
                          rescale_mode=mode, inplace=True)  # the delta is gta_merge_tensor's own copy
 
+    def rules(base_array, model_arrays):
+        if params.rescale:
+            return None  # norm matching needs the whole trimmed tensor: torch path
+        found = []
+        for i, x in enumerate(model_arrays):
+            if params.scope == "global":
+                thr = ctx.thresholds[i] if ctx.thresholds is not None else None
+                found.append(KeepRule() if thr is None else KeepRule(KEEP_MAGNITUDE, thr, x.size))
+                continue
+            keep = int(per_model[i].density * x.size)
+            if per_model[i].density >= 1 or (params.topk_mode == "threshold" and keep >= x.size):
+                found.append(KeepRule())
+            elif keep <= 0 and params.topk_mode == "exact":
+                found.append(KeepRule(KEEP_MAGNITUDE, float("inf"), 0))
+            else:
+                at = magnitude_threshold(x, base_array, keep, params.topk_mode)
+                if at is None:
+                    return None  # inf / NaN deltas: torch path
+                found.append(KeepRule(KEEP_MAGNITUDE, *at))
+        return found
+
     return gta_merge_tensor(base, tensors, [m.weight for m in per_model], trim, params.consensus_method,
-                            params.normalize, params.lambda_)
+                            params.normalize, params.lambda_, rules, ctx.out_dtype)
 
 
 SPEC = MethodSpec("ties", TiesParams, DensityParams, merge_tensor, casts_inputs=True,

@@ -1,0 +1,442 @@
+"""Fused per-tensor kernels (numba) for the generalized-task-arithmetic merges: TIES, DARE, task arithmetic.
+
+Why: the torch form of a TIES merge (:func:`~reparam.merging.methods.gta.gta_merge_tensor`) makes ~20 passes
+over every delta (cast, subtract, |.|, histogram, mask, multiply, election, counts, divide, add), each one a
+trip through main memory; on a 2-core machine that is ~8x the time it takes to read the models. Here every
+step runs inside one loop over cache-sized chunks, in parallel over the tensor:
+
+* :func:`magnitude_thresholds` finds each model's exact trim threshold of |theta_i - theta_0| by radix
+  selection (a histogram of the top 16 bits of the float32 pattern, then of the low 16 bits inside the
+  located bucket: the very float ``kthvalue`` returns) and, when more entries tie at the threshold than
+  may be kept, the flat index up to which ties are kept (lower index first, as
+  :func:`~reparam.merging.sparsify.largest_mask`).
+* :func:`merge` computes the deltas again (cheaper than storing them), applies each model's keep rule
+  (magnitude threshold or a DARE draw), weights, elects signs, takes the disjoint (weighted) mean and adds
+  the base, writing float32 or bfloat16 directly.
+
+The results equal the torch path bit for bit (tests/merging/test_fused.py); the torch path stays for what
+the kernels do not cover (other dtypes, more than 4 models, norm rescaling, non-finite values).
+
+Random draws (DARE, DELLA) come from :func:`uniform`: a counter-based generator (the splitmix64 finaliser
+of key + index * golden gamma, top 24 bits as a float32 in [0, 1)), so entry j of a tensor gets the same
+number whichever chunk or thread draws it; the key is a hash of (seed, model index, tensor name).
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange, types
+from numba.extending import overload
+
+_CHUNK = 4096  # elements per inner block: a few float32 buffers of this size stay in L1/L2
+_TOP = 32768  # buckets of the top 16 bits of a non-negative float32 (sign bit clear)
+_INF_TOP = 0x7F80  # top 16 bits of +inf: this bucket and above hold inf and NaN
+
+KEEP_ALL, KEEP_MAGNITUDE, KEEP_RANDOM = 0, 1, 2
+CONSENSUS = {None: 0, "sum": 1, "count": 2}
+
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def _load(src, lo, n, dst):
+    """dst[:n] = float32(src[lo:lo+n]); src holds float32 values or bfloat16 bit patterns (uint16)."""
+
+
+@overload(_load)
+def _load_impl(src, lo, n, dst):
+    if src.dtype == types.uint16:
+        def load_bf16(src, lo, n, dst):
+            bits = dst.view(np.uint32)
+            for j in range(n):
+                bits[j] = np.uint32(src[lo + j]) << np.uint32(16)
+        return load_bf16
+
+    def load_f32(src, lo, n, dst):
+        for j in range(n):
+            dst[j] = src[lo + j]
+    return load_f32
+
+
+def _store(dst, lo, n, src):
+    """dst[lo:lo+n] = src[:n] as float32, or rounded to bfloat16 bits (uint16) as torch rounds."""
+
+
+@overload(_store)
+def _store_impl(dst, lo, n, src):
+    if dst.dtype == types.uint16:
+        def store_bf16(dst, lo, n, src):
+            bits = src.view(np.uint32)
+            for j in range(n):
+                b = bits[j]
+                if src[j] != src[j]:  # NaN -> the canonical quiet NaN, as c10::BFloat16
+                    dst[lo + j] = np.uint16(0x7FC0)
+                else:  # round to nearest, ties to even
+                    dst[lo + j] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1)))
+                                            >> np.uint32(16))
+        return store_bf16
+
+    def store_f32(dst, lo, n, src):
+        for j in range(n):
+            dst[lo + j] = src[j]
+    return store_f32
+
+
+@njit(inline="always")
+def _mix(z):
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(inline="always")
+def _uniform_at(key, index):  # draw `index` of stream `key`
+    return np.float32(_mix(key + np.uint64(index) * _GAMMA) >> np.uint64(40)) * np.float32(1.0 / (1 << 24))
+
+
+@njit(parallel=True, cache=True)
+def _uniform_fill(key, offset, out):
+    n = out.size
+    for c in prange((n + _CHUNK - 1) // _CHUNK):
+        for j in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
+            out[j] = _uniform_at(key, offset + j)
+
+
+class Stream:
+    """A reproducible stream of uniforms: draw number i is a pure function of (key, i), so a kernel may draw
+    any slice of it in any order; `offset` is where the next :func:`uniform` call starts."""
+
+    def __init__(self, key: int):
+        self.key = key & 0xFFFF_FFFF_FFFF_FFFF
+        self.offset = 0
+
+    def take(self, n: int) -> int:
+        start, self.offset = self.offset, self.offset + n
+        return start
+
+
+def uniform(stream: Stream, like: torch.Tensor) -> torch.Tensor:
+    """The stream's next like.numel() float32 uniforms in [0, 1), shaped and placed like `like` (row-major),
+    so row chunks drawn one after the other equal the whole tensor's draw."""
+    out = np.empty(like.numel(), dtype=np.float32)
+    _use_torch_threads()
+    _uniform_fill(np.uint64(stream.key), np.int64(stream.take(out.size)), out)
+    u = torch.from_numpy(out).view(like.shape)
+    return u if like.device.type == "cpu" else u.to(like.device)
+
+
+def _use_torch_threads() -> int:
+    """Run numba's parallel loops on as many threads as torch uses (OMP_NUM_THREADS / torch.set_num_threads),
+    not numba's default of one per core."""
+    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+    return n
+
+
+def _parts(n):
+    return max(1, min(4 * _use_torch_threads(), (n + _CHUNK - 1) // _CHUNK))
+
+
+@njit(parallel=True, cache=True)
+def _abs_delta_histogram(x, base, nparts, shift, prefix):
+    """Per part (a contiguous range of entries), a histogram of 16 bits of |x - base|'s float32 pattern: the top 16 bits (shift 16), or the
+    low 16 bits of the entries whose top 16 bits equal `prefix` (shift 0)."""
+    n = base.size
+    hist = np.zeros((nparts, 65536), np.int64)
+    step = (n + nparts - 1) // nparts
+    for p in prange(nparts):
+        xb = np.empty(_CHUNK, np.float32)
+        bb = np.empty(_CHUNK, np.float32)
+        h = hist[p]
+        for c in range(p * step, min(n, (p + 1) * step), _CHUNK):
+            m = min(_CHUNK, n - c, (p + 1) * step - c)
+            _load(x, c, m, xb)
+            _load(base, c, m, bb)
+            for j in range(m):
+                xb[j] = abs(xb[j] - bb[j])
+            bits = xb.view(np.uint32)
+            if shift == 16:
+                for j in range(m):
+                    h[bits[j] >> np.uint32(16)] += 1
+            else:
+                for j in range(m):
+                    if (bits[j] >> np.uint32(16)) == prefix:
+                        h[bits[j] & np.uint32(0xFFFF)] += 1
+    return hist
+
+
+@njit(cache=True)
+def _index_of_equal(x, base, t, lo, hi, rank):
+    """Flat index of the rank-th (1-based) entry in [lo, hi) with |x - base| == t."""
+    xb = np.empty(_CHUNK, np.float32)
+    bb = np.empty(_CHUNK, np.float32)
+    for c in range(lo, hi, _CHUNK):
+        m = min(_CHUNK, hi - c)
+        _load(x, c, m, xb)
+        _load(base, c, m, bb)
+        for j in range(m):
+            if abs(xb[j] - bb[j]) == t:
+                rank -= 1
+                if rank == 0:
+                    return c + j
+    return hi
+
+
+def _locate(counts: np.ndarray, rank: int) -> tuple[int, int, int]:
+    """(bucket holding the rank-th smallest, entries in lower buckets, entries in higher buckets)."""
+    cum = np.cumsum(counts)
+    bucket = int(np.searchsorted(cum, rank, side="left"))
+    below = int(cum[bucket - 1]) if bucket > 0 else 0
+    return bucket, below, int(cum[-1] - cum[bucket])
+
+
+@njit(cache=True)
+def _sample_histogram(x, base, blocks):
+    """Histogram of the top 16 bits of |x - base| over `blocks` runs of _CHUNK entries spread evenly over the
+    tensor (runs, not single entries: memory is read in streams, not one cache line per entry)."""
+    n = base.size
+    hist = np.zeros(65536, np.int64)
+    xb = np.empty(_CHUNK, np.float32)
+    bb = np.empty(_CHUNK, np.float32)
+    bits = xb.view(np.uint32)
+    for b in range(blocks):
+        lo = (n - _CHUNK) * b // max(1, blocks - 1) if blocks > 1 else 0
+        m = min(_CHUNK, n - lo)
+        _load(x, lo, m, xb)
+        _load(base, lo, m, bb)
+        for j in range(m):
+            xb[j] = abs(xb[j] - bb[j])
+        for j in range(m):
+            hist[bits[j] >> np.uint32(16)] += 1
+    return hist
+
+
+@njit(parallel=True, cache=True)
+def _bracket(x, base, lo, hi, nparts, cap):
+    """One sweep of |x - base| against the bracket [lo, hi): per part, the number of entries below it and
+    at or above it, the entries inside it (their values, in index order, up to `cap`; `fill` counts them all)
+    and the number of non-finite entries."""
+    n = base.size
+    step = (n + nparts - 1) // nparts
+    below = np.zeros(nparts, np.int64)
+    above = np.zeros(nparts, np.int64)
+    bad = np.zeros(nparts, np.int64)
+    fill = np.zeros(nparts, np.int64)
+    inside = np.empty((nparts, cap), np.float32)
+    inf = np.float32(np.inf)
+    last = cap - 1  # an overflowing part keeps counting; the caller then takes the radix path
+    for p in prange(nparts):
+        xb = np.empty(_CHUNK, np.float32)
+        bb = np.empty(_CHUNK, np.float32)
+        nb, na, nbad, k = 0, 0, 0, 0
+        for c in range(p * step, min(n, (p + 1) * step), _CHUNK):
+            m = min(_CHUNK, n - c, (p + 1) * step - c)
+            _load(x, c, m, xb)
+            _load(base, c, m, bb)
+            for j in range(m):
+                a = abs(xb[j] - bb[j])
+                xb[j] = a
+                nb += a < lo
+                na += a >= hi
+                nbad += not (a < inf)
+            for j in range(m):  # branch-free compaction: write every entry, advance past those inside
+                v = xb[j]
+                inside[p, min(k, last)] = v
+                k += (lo <= v) & (v < hi)
+        below[p], above[p], bad[p], fill[p] = nb, na, nbad, k
+    return below, above, bad, fill, inside
+
+
+_SAMPLE = 1 << 17  # entries sampled to place the bracket (in runs of _CHUNK)
+
+
+def _bucket_float(bucket: int) -> float:
+    return float(np.array([bucket << 16], dtype=np.uint32).view(np.float32)[0])
+
+
+def magnitude_threshold(x: np.ndarray, base: np.ndarray, keep: int, mode: str = "exact"
+                        ) -> tuple[float, int] | None:
+    """(t, cut) such that entry j of |x - base| is kept iff it is > t, or == t with j < cut.
+
+    ``exact``: exactly `keep` entries (ties at t: lower index first); ``threshold``: every entry >= the
+    (d-keep)-th smallest. None when the values hold inf or NaN (the caller takes the torch path).
+
+    A sample (32 runs of 4096 entries) places a bracket of 16-bit buckets around the wanted rank (+-4 sigma of the sample's
+    rank error), one sweep counts the entries below and above it and gathers those inside (~1-2 %), and the
+    exact value comes from ``np.partition`` of those. Should the sample mislead (the rank falls outside the
+    bracket, or too many entries fall inside), the two-sweep radix selection of :func:`_radix_threshold`
+    decides instead; both give the very float ``kthvalue`` gives.
+    """
+    n = base.size
+    parts = _parts(n)
+    rank = n - keep + 1 if mode == "exact" else n - keep  # ascending, 1-based
+    sample = _sample_histogram(x, base, max(1, min(n, _SAMPLE) // _CHUNK))
+    if sample[_INF_TOP:].any():
+        return None
+    taken = int(sample.sum())
+    q = rank / n
+    margin = 4.0 * (taken * q * (1 - q)) ** 0.5 + 16
+    lo_bucket = _locate(sample, max(1, int(q * taken - margin)))[0]
+    hi_bucket = _locate(sample, min(taken, int(q * taken + margin) + 1))[0]
+    step = (n + parts - 1) // parts
+    cap = step // 8 + 64
+    below, above, bad, fill, inside = _bracket(x, base, np.float32(_bucket_float(lo_bucket)),
+                                               np.float32(_bucket_float(hi_bucket + 1)), parts, cap)
+    if bad.any():
+        return None
+    left = rank - int(below.sum())
+    if (fill > cap).any() or not 1 <= left <= int(fill.sum()):
+        return _radix_threshold(x, base, keep, rank, mode, parts)
+    parts_inside = [inside[p, :fill[p]] for p in range(parts)]
+    values = np.concatenate(parts_inside)
+    t = np.float32(np.partition(values, left - 1)[left - 1])
+    if mode != "exact":
+        return float(t), n
+    ties = np.array([int(np.count_nonzero(v == t)) for v in parts_inside])
+    need = keep - int(above.sum()) - int(np.count_nonzero(values > t))
+    return float(t), _tie_cut(x, base, t, need, ties, step)
+
+
+def _tie_cut(x, base, t, need: int, ties_per_part: np.ndarray, step: int) -> int:
+    """The cut keeping the first `need` entries equal to t (all of them: the tensor's size)."""
+    if need >= int(ties_per_part.sum()):
+        return base.size
+    p, before, _ = _locate(ties_per_part, need)  # the part holding the need-th tie
+    return _index_of_equal(x, base, np.float32(t), p * step, min(base.size, (p + 1) * step), need - before) + 1
+
+
+def _radix_threshold(x, base, keep: int, rank: int, mode: str, parts: int) -> tuple[float, int] | None:
+    """magnitude_threshold by exact radix selection: the top 16 bits' histogram, then the low 16 bits'."""
+    n = base.size
+    top = _abs_delta_histogram(x, base, parts, 16, 0).sum(axis=0)
+    if top[_INF_TOP:].any():
+        return None
+    hi_bucket, below_hi, above_hi = _locate(top, rank)
+    low_per_part = _abs_delta_histogram(x, base, parts, 0, hi_bucket)
+    low = low_per_part.sum(axis=0)
+    digit, _, above_lo = _locate(low, rank - below_hi)
+    t = np.array([(hi_bucket << 16) | digit], dtype=np.uint32).view(np.float32)[0]
+    if mode != "exact":
+        return float(t), n
+    need = keep - above_hi - above_lo  # ties at t that may be kept (>= 1)
+    return float(t), _tie_cut(x, base, t, need, low_per_part[:, digit], (n + parts - 1) // parts)
+
+
+@njit(parallel=True, cache=True)
+def _merge(base, models, modes, thresholds, cuts, probs, keys, offsets, scales, weights, weighted, consensus,
+           normalize, fixed_divisor, lam, out):
+    # Every inner loop is over j (the chunk's entries) and free of branches on the data, so LLVM vectorises
+    # it; a kept entry is d * 1.0, a dropped one d * 0.0, the products torch's masked multiply forms.
+    n = base.size
+    nm = len(models)
+    one, zero = np.float32(1.0), np.float32(0.0)
+    for c in prange((n + _CHUNK - 1) // _CHUNK):
+        lo = c * _CHUNK
+        m = min(_CHUNK, n - lo)
+        bb = np.empty(_CHUNK, np.float32)
+        vals = np.empty((nm, _CHUNK), np.float32)
+        total = np.zeros(_CHUNK, np.float32)
+        mixed = np.zeros(_CHUNK, np.float32)
+        divisor = np.zeros(_CHUNK, np.float32)
+        _load(base, lo, m, bb)
+        for i in range(nm):
+            v = vals[i]
+            _load(models[i], lo, m, v)
+            for j in range(m):
+                v[j] -= bb[j]
+            if modes[i] == KEEP_MAGNITUDE:
+                t, cut = thresholds[i], cuts[i] - lo
+                for j in range(m):
+                    a = abs(v[j])
+                    v[j] *= one if (a > t) | ((a == t) & (j < cut)) else zero
+            elif modes[i] == KEEP_RANDOM:
+                key, start, p, scale = keys[i], offsets[i] + lo, probs[i], scales[i]
+                for j in range(m):
+                    v[j] = (one if _uniform_at(key, start + j) < p else zero) * v[j] / scale
+            if weighted:
+                w = weights[i]
+                for j in range(m):
+                    v[j] *= w
+            if consensus == 2:
+                for j in range(m):
+                    total[j] += one if v[j] > 0 else (-one if v[j] < 0 else zero)
+            else:
+                for j in range(m):
+                    total[j] += v[j]
+        if consensus == 0:
+            for j in range(m):
+                mixed[j] = total[j] / fixed_divisor if normalize else total[j]
+        else:
+            for j in range(m):
+                total[j] = one if total[j] >= 0 else -one  # the elected sign
+            for i in range(nm):
+                v = vals[i]
+                w = weights[i]
+                for j in range(m):
+                    agree = one if v[j] * total[j] > 0 else zero
+                    mixed[j] += v[j] * agree
+                    divisor[j] += w * agree
+            if normalize:
+                for j in range(m):
+                    mixed[j] /= divisor[j] if divisor[j] != 0 else one
+        if lam != 1:
+            for j in range(m):
+                mixed[j] *= lam
+        for j in range(m):
+            mixed[j] += bb[j]
+        _store(out, lo, m, mixed)
+
+MAX_MODELS = 4  # gta's sum_models adds up to 4 terms in order; beyond that torch's own reduction order rules
+
+
+def as_array(t: torch.Tensor) -> np.ndarray | None:
+    """The flat numpy view the kernels read (bfloat16 as its uint16 bit patterns), or None if unsupported."""
+    if t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    flat = t.reshape(-1)
+    return flat.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else flat.numpy()
+
+
+def inputs(base: torch.Tensor, tensors) -> tuple[np.ndarray, tuple] | None:
+    """(base array, tuple of model arrays) when the fused kernels can take these tensors, else None."""
+    if not 1 <= len(tensors) <= MAX_MODELS or any(t.shape != base.shape for t in tensors):
+        return None
+    b = as_array(base)
+    ms = [as_array(t) for t in tensors]
+    if b is None or any(m is None for m in ms) or len({m.dtype for m in ms}) > 1:
+        return None
+    return b, tuple(ms)
+
+
+class KeepRule:
+    """How one model's delta is sparsified before the merge: everything, a magnitude threshold (keep
+    |delta| > t, and == t below flat index cut), or a DARE draw (keep where the stream's next uniform < prob,
+    then divide by scale)."""
+
+    def __init__(self, mode=KEEP_ALL, threshold=0.0, cut=0, prob=1.0, stream: Stream | None = None, scale=1.0):
+        self.mode, self.threshold, self.cut = mode, threshold, cut
+        self.prob, self.stream, self.scale = prob, stream, scale
+
+
+def merge(base: np.ndarray, models: tuple, shape, rules, weights, consensus: str | None, normalize: bool,
+          lambda_: float, out_dtype: torch.dtype | None) -> torch.Tensor:
+    """The gta merge of :func:`~reparam.merging.methods.gta.gta_merge_tensor` in one fused pass."""
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float32)
+    divisor = w.sum()
+    divisor = np.float32(1.0 if abs(float(divisor)) < 1e-8 else float(divisor))
+    out_t = torch.empty(shape, dtype=torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32)
+    out = as_array(out_t)
+    f32 = np.float32
+    _use_torch_threads()
+    random = [r.stream is not None for r in rules]
+    _merge(base, models, np.array([r.mode for r in rules], np.int8),
+           np.array([r.threshold for r in rules], f32), np.array([r.cut for r in rules], np.int64),
+           np.array([r.prob for r in rules], f32),
+           np.array([r.stream.key if x else 0 for r, x in zip(rules, random)], np.uint64),
+           np.array([r.stream.take(base.size) if x else 0 for r, x in zip(rules, random)], np.int64),
+           np.array([r.scale for r in rules], f32), w.numpy(), not bool((w == 1).all()), CONSENSUS[consensus],
+           bool(normalize), divisor, f32(lambda_), out)
+    return out_t

@@ -1,0 +1,194 @@
+"""The fused numba kernels against the torch path of the same methods, bit for bit."""
+import numpy as np
+import pytest
+import torch
+
+from reparam.merging import fused
+from reparam.merging.methods import dare, task_arithmetic, ties
+from reparam.merging.methods.base import TensorContext
+from reparam.merging.sparsify import generator_for, largest_mask, uniform
+
+
+def torch_path(monkeypatch, fn, *args):
+    """fn(*args) with the fused kernels switched off."""
+    with monkeypatch.context() as m:
+        m.setattr(fused, "inputs", lambda *a: None)
+        return fn(*args)
+
+
+def models(shape, n=3, dtype=torch.bfloat16, std=0.002, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(shape, generator=g) * 0.02).to(dtype)
+    # bf16 deltas take few distinct values: many ties at the trim threshold
+    return base, [(base.float() + torch.randn(shape, generator=g) * std).to(dtype) for _ in range(n)]
+
+
+def used_fused(monkeypatch, fn, *args):
+    calls = []
+    real = fused.merge
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+    with monkeypatch.context() as m:
+        m.setattr(fused, "merge", spy)
+        out = fn(*args)
+    return out, bool(calls)
+
+
+# (shape, dtype, density, topk_mode, weights, consensus, normalize, lambda, out dtype)
+TIES_CASES = [
+    ((300, 257), torch.bfloat16, 0.5, "exact", [1, 1, 1], "sum", True, 1.0, torch.bfloat16),
+    ((300, 257), torch.bfloat16, 0.2, "threshold", [1, 1, 1], "sum", True, 1.0, torch.float32),
+    ((5000,), torch.float32, 0.3, "exact", [0.5, 1.25, 2.0], "sum", True, 0.7, torch.float32),
+    ((64, 64), torch.bfloat16, 0.9, "exact", [0.3, 0.7, 1.0], "count", False, 1.0, torch.bfloat16),
+    ((7,), torch.float32, 0.5, "exact", [1, 1, 1], "sum", True, 1.0, None),  # smaller than a chunk
+    ((100, 100), torch.bfloat16, 0.001, "exact", [1, 2], "sum", True, 1.0, torch.bfloat16),  # keeps 10 of 10k
+    ((10, 10), torch.float32, 0.001, "exact", [1, 1], "sum", True, 1.0, torch.float32),  # keeps none
+]
+
+
+@pytest.mark.parametrize("shape,dtype,density,mode,weights,consensus,normalize,lam,out_dtype", TIES_CASES)
+def test_ties_equals_torch_path(monkeypatch, shape, dtype, density, mode, weights, consensus, normalize, lam,
+                                out_dtype):
+    base, tensors = models(shape, len(weights), dtype)
+    params = ties.TiesParams(normalize=normalize, lambda_=lam, topk_mode=mode, consensus_method=consensus)
+    per_model = [ties.DensityParams(w, density) for w in weights]
+    ctx = TensorContext("k", out_dtype=out_dtype)
+    out, was_fused = used_fused(monkeypatch, ties.merge_tensor, base, tensors, per_model, params, ctx)
+    ref = torch_path(monkeypatch, ties.merge_tensor, base, tensors, per_model, params, ctx)
+    assert was_fused
+    assert out.dtype == (out_dtype or torch.float32)
+    assert torch.equal(out, ref.to(out.dtype))
+
+
+def test_ties_ties_across_parts_keep_the_lowest_indices(monkeypatch):
+    """Every delta has one of three magnitudes, so the threshold value is shared by ~1/3 of the entries over
+    every part of the parallel split: exactly floor(density*d) are kept, the lowest flat indices first."""
+    n = 300_001
+    base = torch.zeros(n)
+    delta = torch.tensor([1.0, -2.0, 3.0]).repeat(n // 3 + 1)[:n]
+    x = base + delta
+    keep = int(0.5 * n)
+    t, cut = fused.magnitude_threshold(fused.as_array(x), fused.as_array(base), keep)
+    a = delta.abs()
+    mask = (a > t) | ((a == t) & (torch.arange(n) < cut))
+    assert t == 2.0 and int(mask.sum()) == keep
+    assert torch.equal(mask, largest_mask(a, keep))
+
+
+def test_threshold_equals_kthvalue_for_wide_ranges():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(200_000, generator=g) * torch.logspace(-6, 3, 200_000)
+    base = torch.randn(200_000, generator=g)
+    a = (x - base).abs()
+    for keep in (1, 17, 100_000, 199_999):
+        t, cut = fused.magnitude_threshold(fused.as_array(x), fused.as_array(base), keep)
+        assert t == float(a.kthvalue(a.numel() - keep + 1).values)
+        mask = (a > t) | ((a == t) & (torch.arange(a.numel()) < cut))
+        assert int(mask.sum()) == keep
+
+
+def test_non_finite_deltas_take_the_torch_path(monkeypatch):
+    base, tensors = models((50, 50), 2, torch.float32)
+    tensors[1][3, 4] = float("inf")
+    assert fused.magnitude_threshold(fused.as_array(tensors[1]), fused.as_array(base), 10) is None
+    params, per_model = ties.TiesParams(), [ties.DensityParams(1.0, 0.5)] * 2
+    ctx = TensorContext("k")
+    out, was_fused = used_fused(monkeypatch, ties.merge_tensor, base, tensors, per_model, params, ctx)
+    assert not was_fused
+    assert torch.equal(out, torch_path(monkeypatch, ties.merge_tensor, base, tensors, per_model, params, ctx))
+
+
+def test_global_scope_threshold(monkeypatch):
+    base, tensors = models((40, 33), 3, torch.bfloat16)
+    params = ties.TiesParams(scope="global")
+    per_model = [ties.DensityParams(1.0, 0.4)] * 3
+    ctx = TensorContext("k", thresholds=[0.001, None, 0.0025], out_dtype=torch.bfloat16)
+    out, was_fused = used_fused(monkeypatch, ties.merge_tensor, base, tensors, per_model, params, ctx)
+    assert was_fused
+    assert torch.equal(out, torch_path(monkeypatch, ties.merge_tensor, base, tensors, per_model, params,
+                                       ctx).bfloat16())
+
+
+@pytest.mark.parametrize("consensus", [True, False])
+@pytest.mark.parametrize("rescale,density", [(True, 0.3), (False, 0.5), (True, 0.0), (True, 1.0)])
+def test_dare_equals_torch_path(monkeypatch, consensus, rescale, density):
+    base, tensors = models((123, 77), 3, torch.bfloat16)
+    kernel = dare.SPEC_TIES.kernel if consensus else dare.SPEC_LINEAR.kernel
+    params = dare.DareParams(rescale=rescale, normalize=consensus, lambda_=0.9)
+    per_model = [dare.DensityParams(w, density) for w in (1.0, 0.5, 0.25)]
+    ctx = TensorContext("layer.weight", seed=4, model_indices=[0, 1, 2], out_dtype=torch.float32)
+    out, was_fused = used_fused(monkeypatch, kernel, base, tensors, per_model, params, ctx)
+    assert was_fused
+    assert torch.equal(out, torch_path(monkeypatch, kernel, base, tensors, per_model, params, ctx))
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_task_arithmetic_equals_torch_path(monkeypatch, normalize):
+    base, tensors = models((77, 51), 3, torch.float32)
+    params = task_arithmetic.TaskArithmeticParams(normalize=normalize, lambda_=1.3)
+    per_model = [task_arithmetic.WeightParams(w) for w in (1.0, -0.5, 0.25)]
+    ctx = TensorContext("k", out_dtype=torch.bfloat16)
+    out, was_fused = used_fused(monkeypatch, task_arithmetic.merge_tensor, base, tensors, per_model, params, ctx)
+    assert was_fused
+    ref = torch_path(monkeypatch, task_arithmetic.merge_tensor, base, tensors, per_model, params, ctx)
+    assert torch.equal(out, ref.bfloat16())
+
+
+def test_dare_norm_rescale_takes_torch_path(monkeypatch):
+    base, tensors = models((20, 20), 2, torch.float32)
+    params = dare.DareParams(rescale_mode="l1")
+    per_model = [dare.DensityParams(1.0, 0.5)] * 2
+    _, was_fused = used_fused(monkeypatch, dare.SPEC_TIES.kernel, base, tensors, per_model, params,
+                              TensorContext("k", seed=0, model_indices=[0, 1]))
+    assert not was_fused
+
+
+def test_more_than_four_models_or_other_dtypes_are_not_fused():
+    base, tensors = models((10,), 5, torch.float32)
+    assert fused.inputs(base, tensors) is None
+    assert fused.inputs(base, tensors[:4]) is not None
+    assert fused.inputs(base.half(), [t.half() for t in tensors[:2]]) is None
+    assert fused.inputs(base, [tensors[0], tensors[1].bfloat16()]) is None  # mixed model dtypes
+    assert fused.inputs(base, [tensors[0][:5]]) is None
+
+
+def test_uniform_stream_is_a_function_of_the_index():
+    g = generator_for(1, 0, "k")
+    whole = uniform(g, torch.empty(10_000))
+    assert g.offset == 10_000
+    h = generator_for(1, 0, "k")
+    parts = torch.cat([uniform(h, torch.empty(n)) for n in (1, 4095, 4097, 1807)])
+    assert torch.equal(parts, whole)
+    assert 0 <= float(whole.min()) and float(whole.max()) < 1
+    # uniform enough: mean and the 10 decile counts of 10k draws
+    assert abs(float(whole.mean()) - 0.5) < 0.01
+    counts = np.histogram(whole.numpy(), bins=10, range=(0, 1))[0]
+    assert counts.min() > 900 and counts.max() < 1100
+    # neighbouring streams are uncorrelated
+    other = uniform(generator_for(1, 1, "k"), torch.empty(10_000))
+    assert abs(float(torch.corrcoef(torch.stack([whole, other]))[0, 1])) < 0.05
+
+
+def test_misleading_sample_falls_back_to_radix_selection(monkeypatch):
+    """The sample reads runs spread over the tensor; a tensor whose large deltas all sit between those runs
+    puts the wanted rank outside the bracket, and the exact radix selection answers instead."""
+    n = 1 << 20
+    base = torch.zeros(n)
+    delta = torch.full((n,), 1e-3)
+    sampled = torch.zeros(n, dtype=torch.bool)
+    blocks = fused._SAMPLE // fused._CHUNK
+    for b in range(blocks):
+        lo = (n - fused._CHUNK) * b // (blocks - 1)
+        sampled[lo:lo + fused._CHUNK] = True
+    delta[~sampled] = torch.linspace(1.0, 2.0, int((~sampled).sum()))
+    calls = []
+    real = fused._radix_threshold
+    monkeypatch.setattr(fused, "_radix_threshold", lambda *a: calls.append(1) or real(*a))
+    keep = n // 2
+    t, cut = fused.magnitude_threshold(fused.as_array(base + delta), fused.as_array(base), keep)
+    assert calls, "the sample should have misled the bracket"
+    a = delta.abs()
+    assert t == float(a.kthvalue(n - keep + 1).values)
+    assert int(((a > t) | ((a == t) & (torch.arange(n) < cut))).sum()) == keep
