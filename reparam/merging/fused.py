@@ -5,11 +5,12 @@ over every delta (cast, subtract, |.|, histogram, mask, multiply, election, coun
 trip through main memory; on a 2-core machine that is ~8x the time it takes to read the models. Here every
 step runs inside one loop over cache-sized chunks, in parallel over the tensor:
 
-* :func:`magnitude_thresholds` finds each model's exact trim threshold of |theta_i - theta_0| by radix
-  selection (a histogram of the top 16 bits of the float32 pattern, then of the low 16 bits inside the
-  located bucket: the very float ``kthvalue`` returns) and, when more entries tie at the threshold than
-  may be kept, the flat index up to which ties are kept (lower index first, as
-  :func:`~reparam.merging.sparsify.largest_mask`).
+* :func:`magnitude_threshold` finds a model's exact trim threshold of |theta_i - theta_0| (the very float
+  ``kthvalue`` returns) in one sweep: a small sample places a bracket around the wanted rank, the sweep
+  counts the entries on either side and gathers those inside, ``np.partition`` finishes; when the sample
+  misleads, radix selection (top 16 bits of the float32 pattern, then the low 16) decides in two sweeps.
+  When more entries tie at the threshold than may be kept, it also gives the flat index up to which ties
+  are kept (lower index first, as :func:`~reparam.merging.sparsify.largest_mask`).
 * :func:`merge` computes the deltas again (cheaper than storing them), applies each model's keep rule
   (magnitude threshold or a DARE draw), weights, elects signs, takes the disjoint (weighted) mean and adds
   the base, writing float32 or bfloat16 directly.
@@ -30,7 +31,6 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 _CHUNK = 4096  # elements per inner block: a few float32 buffers of this size stay in L1/L2
-_TOP = 32768  # buckets of the top 16 bits of a non-negative float32 (sign bit clear)
 _INF_TOP = 0x7F80  # top 16 bits of +inf: this bucket and above hold inf and NaN
 
 KEEP_ALL, KEEP_MAGNITUDE, KEEP_RANDOM = 0, 1, 2
@@ -137,7 +137,8 @@ def _use_torch_threads() -> int:
 
 
 def _parts(n):
-    return max(1, min(4 * _use_torch_threads(), (n + _CHUNK - 1) // _CHUNK))
+    # 16 per thread: a tie scan (_index_of_equal) runs through one part on one thread
+    return max(1, min(16 * _use_torch_threads(), (n + _CHUNK - 1) // _CHUNK))
 
 
 @njit(parallel=True, cache=True)
@@ -215,39 +216,85 @@ def _sample_histogram(x, base, blocks):
 
 
 @njit(parallel=True, cache=True)
-def _bracket(x, base, lo, hi, nparts, cap):
-    """One sweep of |x - base| against the bracket [lo, hi): per part, the number of entries below it and
-    at or above it, the entries inside it (their values, in index order, up to `cap`; `fill` counts them all)
-    and the number of non-finite entries."""
+def _bracket(models, base, lo, hi, nparts, cap):
+    """One sweep of every |x_i - base| against its bracket [lo_i, hi_i) (the base read once for all): per
+    model and part, the number of entries below the bracket and at or above it, the entries inside it (their
+    values in index order, up to `cap`; `fill` counts them all) and the number of non-finite entries."""
     n = base.size
+    nm = len(models)
     step = (n + nparts - 1) // nparts
-    below = np.zeros(nparts, np.int64)
-    above = np.zeros(nparts, np.int64)
-    bad = np.zeros(nparts, np.int64)
-    fill = np.zeros(nparts, np.int64)
-    inside = np.empty((nparts, cap), np.float32)
+    below = np.zeros((nm, nparts), np.int64)
+    above = np.zeros((nm, nparts), np.int64)
+    bad = np.zeros((nm, nparts), np.int64)
+    fill = np.zeros((nm, nparts), np.int64)
+    inside = np.empty((nm, nparts, cap), np.float32)
     inf = np.float32(np.inf)
     last = cap - 1  # an overflowing part keeps counting; the caller then takes the radix path
     for p in prange(nparts):
         xb = np.empty(_CHUNK, np.float32)
         bb = np.empty(_CHUNK, np.float32)
-        nb, na, nbad, k = 0, 0, 0, 0
         for c in range(p * step, min(n, (p + 1) * step), _CHUNK):
             m = min(_CHUNK, n - c, (p + 1) * step - c)
-            _load(x, c, m, xb)
             _load(base, c, m, bb)
-            for j in range(m):
-                a = abs(xb[j] - bb[j])
-                xb[j] = a
-                nb += a < lo
-                na += a >= hi
-                nbad += not (a < inf)
-            for j in range(m):  # branch-free compaction: write every entry, advance past those inside
-                v = xb[j]
-                inside[p, min(k, last)] = v
-                k += (lo <= v) & (v < hi)
-        below[p], above[p], bad[p], fill[p] = nb, na, nbad, k
+            for i in range(nm):
+                _load(models[i], c, m, xb)
+                low, high = lo[i], hi[i]
+                nb, na, nbad = 0, 0, 0
+                for j in range(m):
+                    a = abs(xb[j] - bb[j])
+                    xb[j] = a
+                    nb += a < low
+                    na += a >= high
+                    nbad += not (a < inf)
+                below[i, p] += nb
+                above[i, p] += na
+                bad[i, p] += nbad
+                row = inside[i, p]
+                k = fill[i, p]
+                for j in range(m):  # branch-free compaction: write every entry, advance past those inside
+                    v = xb[j]
+                    row[min(k, last)] = v
+                    k += (low <= v) & (v < high)
+                fill[i, p] = k
     return below, above, bad, fill, inside
+
+
+@njit(cache=True)
+def _select_inside(inside, fill, left):
+    """Among the gathered values (inside[p, :fill[p]] for each part p; non-negative, so their bit patterns
+    order as they do): the left-th smallest (1-based) as its bit pattern, how many are greater, and per part
+    how many equal it. Radix selection again (top 16 bits, then low 16), on a few % of the tensor."""
+    nparts = fill.size
+    top = np.zeros(65536, np.int64)
+    for p in range(nparts):
+        bits = inside[p].view(np.uint32)
+        for j in range(fill[p]):
+            top[bits[j] >> np.uint32(16)] += 1
+    bucket = 0
+    while left > top[bucket]:
+        left -= top[bucket]
+        bucket += 1
+    low = np.zeros(65536, np.int64)
+    for p in range(nparts):
+        bits = inside[p].view(np.uint32)
+        for j in range(fill[p]):
+            if (bits[j] >> np.uint32(16)) == bucket:
+                low[bits[j] & np.uint32(0xFFFF)] += 1
+    digit = 0
+    while left > low[digit]:
+        left -= low[digit]
+        digit += 1
+    key = np.uint32((bucket << 16) | digit)
+    greater = 0
+    equal = np.zeros(nparts, np.int64)
+    for p in range(nparts):
+        bits = inside[p].view(np.uint32)
+        k = 0
+        for j in range(fill[p]):
+            greater += bits[j] > key
+            k += bits[j] == key
+        equal[p] = k
+    return key, greater, equal
 
 
 _SAMPLE = 1 << 17  # entries sampled to place the bracket (in runs of _CHUNK)
@@ -261,43 +308,55 @@ def magnitude_threshold(x: np.ndarray, base: np.ndarray, keep: int, mode: str = 
                         ) -> tuple[float, int] | None:
     """(t, cut) such that entry j of |x - base| is kept iff it is > t, or == t with j < cut.
 
-    ``exact``: exactly `keep` entries (ties at t: lower index first); ``threshold``: every entry >= the
-    (d-keep)-th smallest. None when the values hold inf or NaN (the caller takes the torch path).
+    ``exact``: exactly `keep` entries (0 < keep < size; ties at t: lower index first); ``threshold``: every
+    entry >= the (size-keep)-th smallest. None when the values hold inf or NaN (the caller takes the torch
+    path). See :func:`magnitude_thresholds`."""
+    found = magnitude_thresholds((x,), base, [keep], mode)
+    return None if found is None else found[0]
 
-    A sample (32 runs of 4096 entries) places a bracket of 16-bit buckets around the wanted rank (+-4 sigma of the sample's
-    rank error), one sweep counts the entries below and above it and gathers those inside (~1-2 %), and the
-    exact value comes from ``np.partition`` of those. Should the sample mislead (the rank falls outside the
-    bracket, or too many entries fall inside), the two-sweep radix selection of :func:`_radix_threshold`
-    decides instead; both give the very float ``kthvalue`` gives.
-    """
+
+def magnitude_thresholds(models: tuple, base: np.ndarray, keeps: list[int], mode: str = "exact"
+                         ) -> list[tuple[float, int]] | None:
+    """:func:`magnitude_threshold` of several models against one base, in one sweep over all of them.
+
+    A sample (32 runs of 4096 entries) places a bracket of 16-bit buckets around each wanted rank (+-4 sigma
+    of the sample's rank error); one sweep counts the entries below and above it and gathers those inside
+    (1-7 % here: bf16 deltas tie a lot), and the exact value comes from those (:func:`_select_inside`). Should a
+    sample mislead (the rank falls outside the bracket, or too many entries fall inside), the two-sweep radix
+    selection of :func:`_radix_threshold` decides for that model; both give the very float ``kthvalue``
+    gives. None when any model's deltas hold inf or NaN."""
     n = base.size
     parts = _parts(n)
-    rank = n - keep + 1 if mode == "exact" else n - keep  # ascending, 1-based
-    sample = _sample_histogram(x, base, max(1, min(n, _SAMPLE) // _CHUNK))
-    if sample[_INF_TOP:].any():
-        return None
-    taken = int(sample.sum())
-    q = rank / n
-    margin = 4.0 * (taken * q * (1 - q)) ** 0.5 + 16
-    lo_bucket = _locate(sample, max(1, int(q * taken - margin)))[0]
-    hi_bucket = _locate(sample, min(taken, int(q * taken + margin) + 1))[0]
     step = (n + parts - 1) // parts
+    ranks = [n - keep + 1 if mode == "exact" else n - keep for keep in keeps]  # ascending, 1-based
+    lo, hi = np.empty(len(models), np.float32), np.empty(len(models), np.float32)
+    for i, (x, rank) in enumerate(zip(models, ranks)):
+        sample = _sample_histogram(x, base, max(1, min(n, _SAMPLE) // _CHUNK))
+        if sample[_INF_TOP:].any():
+            return None
+        taken = int(sample.sum())
+        q = rank / n
+        margin = 4.0 * (taken * q * (1 - q)) ** 0.5 + 16
+        lo[i] = _bucket_float(_locate(sample, max(1, int(q * taken - margin)))[0])
+        hi[i] = _bucket_float(_locate(sample, min(taken, int(q * taken + margin) + 1))[0] + 1)
     cap = step // 8 + 64
-    below, above, bad, fill, inside = _bracket(x, base, np.float32(_bucket_float(lo_bucket)),
-                                               np.float32(_bucket_float(hi_bucket + 1)), parts, cap)
+    below, above, bad, fill, inside = _bracket(models, base, lo, hi, parts, cap)
     if bad.any():
         return None
-    left = rank - int(below.sum())
-    if (fill > cap).any() or not 1 <= left <= int(fill.sum()):
-        return _radix_threshold(x, base, keep, rank, mode, parts)
-    parts_inside = [inside[p, :fill[p]] for p in range(parts)]
-    values = np.concatenate(parts_inside)
-    t = np.float32(np.partition(values, left - 1)[left - 1])
-    if mode != "exact":
-        return float(t), n
-    ties = np.array([int(np.count_nonzero(v == t)) for v in parts_inside])
-    need = keep - int(above.sum()) - int(np.count_nonzero(values > t))
-    return float(t), _tie_cut(x, base, t, need, ties, step)
+    found = []
+    for i, (x, keep, rank) in enumerate(zip(models, keeps, ranks)):
+        left = rank - int(below[i].sum())
+        if (fill[i] > cap).any() or not 1 <= left <= int(fill[i].sum()):
+            found.append(_radix_threshold(x, base, keep, rank, mode, parts))
+            continue
+        key, greater, ties = _select_inside(inside[i], fill[i], left)
+        t = np.array([key], dtype=np.uint32).view(np.float32)[0]
+        if mode != "exact":
+            found.append((float(t), n))
+            continue
+        need = keep - int(above[i].sum()) - int(greater)
+        found.append((float(t), _tie_cut(x, base, t, need, ties, step)))
+    return found
 
 
 def _tie_cut(x, base, t, need: int, ties_per_part: np.ndarray, step: int) -> int:

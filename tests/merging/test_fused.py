@@ -62,6 +62,18 @@ def test_ties_equals_torch_path(monkeypatch, shape, dtype, density, mode, weight
     assert torch.equal(out, ref.to(out.dtype))
 
 
+def test_ties_per_model_densities_in_one_sweep(monkeypatch):
+    base, tensors = models((257, 300), 4, torch.bfloat16, seed=5)
+    tensors[3] = tensors[3].float().mul(3).sub(base.float() * 2).bfloat16()  # a model with larger deltas
+    params = ties.TiesParams()
+    per_model = [ties.DensityParams(1.0, d) for d in (0.2, 0.5, 1.0, 0.9)]  # model 2 is not trimmed
+    ctx = TensorContext("k", out_dtype=torch.bfloat16)
+    out, was_fused = used_fused(monkeypatch, ties.merge_tensor, base, tensors, per_model, params, ctx)
+    assert was_fused
+    assert torch.equal(out, torch_path(monkeypatch, ties.merge_tensor, base, tensors, per_model, params,
+                                       ctx).bfloat16())
+
+
 def test_ties_ties_across_parts_keep_the_lowest_indices(monkeypatch):
     """Every delta has one of three magnitudes, so the threshold value is shared by ~1/3 of the entries over
     every part of the parallel split: exactly floor(density*d) are kept, the lowest flat indices first."""

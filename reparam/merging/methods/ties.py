@@ -28,7 +28,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ..fused import KEEP_MAGNITUDE, KeepRule, magnitude_threshold
+from ..fused import KEEP_MAGNITUDE, KeepRule, magnitude_thresholds
 from ..params import check_choice, check_range
 from ..sparsify import RESCALE_MODES, magnitude
 from .base import MethodSpec, TensorContext
@@ -76,7 +76,7 @@ def merge_tensor(base: torch.Tensor, tensors: Sequence[torch.Tensor], per_model:
     def rules(base_array, model_arrays):
         if params.rescale:
             return None  # norm matching needs the whole trimmed tensor: torch path
-        found = []
+        found, to_trim = [], {}
         for i, x in enumerate(model_arrays):
             if params.scope == "global":
                 thr = ctx.thresholds[i] if ctx.thresholds is not None else None
@@ -88,10 +88,15 @@ def merge_tensor(base: torch.Tensor, tensors: Sequence[torch.Tensor], per_model:
             elif keep <= 0 and params.topk_mode == "exact":
                 found.append(KeepRule(KEEP_MAGNITUDE, float("inf"), 0))
             else:
-                at = magnitude_threshold(x, base_array, keep, params.topk_mode)
-                if at is None:
-                    return None  # inf / NaN deltas: torch path
-                found.append(KeepRule(KEEP_MAGNITUDE, *at))
+                to_trim[i] = keep
+                found.append(None)
+        if to_trim:  # one sweep finds every model's threshold
+            at = magnitude_thresholds(tuple(model_arrays[i] for i in to_trim), base_array, list(to_trim.values()),
+                                      params.topk_mode)
+            if at is None:
+                return None  # inf / NaN deltas: torch path
+            for i, (t, cut) in zip(to_trim, at):
+                found[i] = KeepRule(KEEP_MAGNITUDE, t, cut)
         return found
 
     return gta_merge_tensor(base, tensors, [m.weight for m in per_model], trim, params.consensus_method,
