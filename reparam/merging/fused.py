@@ -19,8 +19,9 @@ The results equal the torch path bit for bit (tests/merging/test_fused.py); the 
 the kernels do not cover (other dtypes, more than 4 models, norm rescaling, non-finite values).
 
 Random draws (DARE, DELLA) come from :func:`uniform`: a counter-based generator (the splitmix64 finaliser
-of key + index * golden gamma, top 24 bits as a float32 in [0, 1)), so entry j of a tensor gets the same
-number whichever chunk or thread draws it; the key is a hash of (seed, model index, tensor name).
+of key + (index // 2) * golden gamma; its top 24 bits make the even draw, the next 24 the odd one, as a
+float32 in [0, 1)), so entry j of a tensor gets the same number whichever chunk or thread draws it; the key
+is a hash of (seed, model index, tensor name).
 """
 from __future__ import annotations
 
@@ -91,9 +92,21 @@ def _mix(z):
     return z ^ (z >> np.uint64(31))
 
 
+_U24 = np.float32(1.0 / (1 << 24))
+
+
 @njit(inline="always")
-def _uniform_at(key, index):  # draw `index` of stream `key`
-    return np.float32(_mix(key + np.uint64(index) * _GAMMA) >> np.uint64(40)) * np.float32(1.0 / (1 << 24))
+def _uniform_at(key, index):
+    """Draw `index` of stream `key`: one 64-bit hash serves draws 2k (its top 24 bits) and 2k+1 (the next 24)."""
+    h = _mix(key + np.uint64(index >> 1) * _GAMMA)
+    return np.float32((h >> np.uint64(40)) if index & 1 == 0 else ((h >> np.uint64(16)) & np.uint64(0xFFFFFF))) * _U24
+
+
+@njit(inline="always")
+def _uniform_pair(key, pair):
+    """Draws 2*pair and 2*pair + 1 of stream `key` (as _uniform_at gives them), from one hash."""
+    h = _mix(key + np.uint64(pair) * _GAMMA)
+    return np.float32(h >> np.uint64(40)) * _U24, np.float32((h >> np.uint64(16)) & np.uint64(0xFFFFFF)) * _U24
 
 
 @njit(parallel=True, cache=True)
@@ -404,21 +417,31 @@ def _merge(base, models, modes, thresholds, cuts, probs, keys, offsets, scales, 
         for i in range(nm):
             v = vals[i]
             _load(models[i], lo, m, v)
-            for j in range(m):
-                v[j] -= bb[j]
-            if modes[i] == KEEP_MAGNITUDE:
+            mode, w = modes[i], weights[i] if weighted else one
+            if mode == KEEP_MAGNITUDE:
                 t, cut = thresholds[i], cuts[i] - lo
                 for j in range(m):
-                    a = abs(v[j])
-                    v[j] *= one if (a > t) | ((a == t) & (j < cut)) else zero
-            elif modes[i] == KEEP_RANDOM:
+                    d = v[j] - bb[j]
+                    a = abs(d)
+                    d *= one if (a > t) | ((a == t) & (j < cut)) else zero
+                    v[j] = d * w if weighted else d
+            elif mode == KEEP_RANDOM:
                 key, start, p, scale = keys[i], offsets[i] + lo, probs[i], scales[i]
+                paired = (m // 2) * 2 if start % 2 == 0 else 0  # even start: a hash per pair of entries
+                for q in range(paired // 2):
+                    u0, u1 = _uniform_pair(key, (start >> 1) + q)
+                    j = 2 * q
+                    d0 = (one if u0 < p else zero) * (v[j] - bb[j]) / scale
+                    d1 = (one if u1 < p else zero) * (v[j + 1] - bb[j + 1]) / scale
+                    v[j] = d0 * w if weighted else d0
+                    v[j + 1] = d1 * w if weighted else d1
+                for j in range(paired, m):
+                    d = (one if _uniform_at(key, start + j) < p else zero) * (v[j] - bb[j]) / scale
+                    v[j] = d * w if weighted else d
+            else:
                 for j in range(m):
-                    v[j] = (one if _uniform_at(key, start + j) < p else zero) * v[j] / scale
-            if weighted:
-                w = weights[i]
-                for j in range(m):
-                    v[j] *= w
+                    d = v[j] - bb[j]
+                    v[j] = d * w if weighted else d
             if consensus == 2:
                 for j in range(m):
                     total[j] += one if v[j] > 0 else (-one if v[j] < 0 else zero)
@@ -441,11 +464,8 @@ def _merge(base, models, modes, thresholds, cuts, probs, keys, offsets, scales, 
             if normalize:
                 for j in range(m):
                     mixed[j] /= divisor[j] if divisor[j] != 0 else one
-        if lam != 1:
-            for j in range(m):
-                mixed[j] *= lam
         for j in range(m):
-            mixed[j] += bb[j]
+            mixed[j] = (mixed[j] * lam if lam != 1 else mixed[j]) + bb[j]
         _store(out, lo, m, mixed)
 
 MAX_MODELS = 4  # gta's sum_models adds up to 4 terms in order; beyond that torch's own reduction order rules

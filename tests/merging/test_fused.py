@@ -204,3 +204,18 @@ def test_misleading_sample_falls_back_to_radix_selection(monkeypatch):
     a = delta.abs()
     assert t == float(a.kthvalue(n - keep + 1).values)
     assert int(((a > t) | ((a == t) & (torch.arange(n) < cut))).sum()) == keep
+
+
+@pytest.mark.parametrize("skip", [0, 1, 4097])
+def test_random_rule_draws_the_stream_from_its_offset(skip):
+    """DARE's kernel draws pairs of uniforms per hash when the stream sits at an even offset and one at a time
+    otherwise; either way entry j gets draw offset + j, as uniform() gives it."""
+    base, (x,) = models((9001,), 1, torch.float32)
+    stream, replay = generator_for(3, 0, "k"), generator_for(3, 0, "k")
+    for s in (stream, replay):
+        uniform(s, torch.empty(skip))
+    rule = fused.KeepRule(fused.KEEP_RANDOM, prob=0.3, stream=stream, scale=0.3)
+    out = fused.merge(*fused.inputs(base, [x]), base.shape, [rule], [1.0], None, False, 1.0, torch.float32)
+    expect = (uniform(replay, base) < 0.3).float().mul_(x - base).div_(0.3).add_(base)
+    assert torch.equal(out, expect)
+    assert stream.offset == skip + base.numel()
