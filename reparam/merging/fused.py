@@ -156,8 +156,8 @@ def _parts(n):
 
 @njit(parallel=True, cache=True)
 def _abs_delta_histogram(x, base, nparts, shift, prefix):
-    """Per part (a contiguous range of entries), a histogram of 16 bits of |x - base|'s float32 pattern: the top 16 bits (shift 16), or the
-    low 16 bits of the entries whose top 16 bits equal `prefix` (shift 0)."""
+    """Per part (a contiguous range of entries), a histogram of 16 bits of |x - base|'s float32 pattern: the
+    top 16 bits (shift 16), or the low 16 bits of the entries whose top 16 bits equal `prefix` (shift 0)."""
     n = base.size
     hist = np.zeros((nparts, 65536), np.int64)
     step = (n + nparts - 1) // nparts
@@ -479,13 +479,22 @@ def as_array(t: torch.Tensor) -> np.ndarray | None:
     return flat.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else flat.numpy()
 
 
+_READ = (torch.float32, torch.bfloat16)  # what the kernels read directly
+
+
 def inputs(base: torch.Tensor, tensors) -> tuple[np.ndarray, tuple] | None:
-    """(base array, tuple of model arrays) when the fused kernels can take these tensors, else None."""
-    if not 1 <= len(tensors) <= MAX_MODELS or any(t.shape != base.shape for t in tensors):
+    """(base array, tuple of model arrays) when the fused kernels can take these tensors, else None.
+
+    Models stored in another float dtype (float16, float64), or in mixed dtypes, are cast to float32 first (one
+    copy each; the torch path computes in float32 too), since the kernel takes one dtype for all of them."""
+    if (not 1 <= len(tensors) <= MAX_MODELS or any(t.shape != base.shape for t in tensors)
+            or any(not t.is_floating_point() or t.device.type != "cpu" for t in (base, *tensors))):
         return None
-    b = as_array(base)
-    ms = [as_array(t) for t in tensors]
-    if b is None or any(m is None for m in ms) or len({m.dtype for m in ms}) > 1:
+    if len({t.dtype for t in tensors}) > 1 or tensors[0].dtype not in _READ:
+        tensors = [t.float() for t in tensors]
+    b = as_array(base if base.dtype in _READ else base.float())
+    ms = [as_array(t.contiguous()) for t in tensors]
+    if b is None or any(m is None for m in ms):
         return None
     return b, tuple(ms)
 

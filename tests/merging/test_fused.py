@@ -157,13 +157,26 @@ def test_dare_norm_rescale_takes_torch_path(monkeypatch):
     assert not was_fused
 
 
-def test_more_than_four_models_or_other_dtypes_are_not_fused():
+def test_more_than_four_models_or_other_shapes_are_not_fused():
     base, tensors = models((10,), 5, torch.float32)
     assert fused.inputs(base, tensors) is None
     assert fused.inputs(base, tensors[:4]) is not None
-    assert fused.inputs(base.half(), [t.half() for t in tensors[:2]]) is None
-    assert fused.inputs(base, [tensors[0], tensors[1].bfloat16()]) is None  # mixed model dtypes
     assert fused.inputs(base, [tensors[0][:5]]) is None
+    assert fused.inputs(base.int(), [t.int() for t in tensors[:2]]) is None
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float16,) * 3, (torch.float32, torch.bfloat16, torch.float16),
+                                    (torch.float64, torch.float64, torch.bfloat16)])
+def test_other_and_mixed_float_dtypes_are_cast_and_fused(monkeypatch, dtypes):
+    base, tensors = models((60, 70), 3, torch.float32)
+    base = base.to(dtypes[-1])
+    tensors = [t.to(d) for t, d in zip(tensors, dtypes)]
+    params, per_model = ties.TiesParams(), [ties.DensityParams(1.0, 0.4)] * 3
+    ctx = TensorContext("k", out_dtype=torch.float16)
+    out, was_fused = used_fused(monkeypatch, ties.merge_tensor, base, tensors, per_model, params, ctx)
+    assert was_fused
+    ref = torch_path(monkeypatch, ties.merge_tensor, base, tensors, per_model, params, ctx)
+    assert torch.equal(out.half(), ref.half())
 
 
 def test_uniform_stream_is_a_function_of_the_index():
