@@ -25,6 +25,8 @@ is a hash of (seed, model index, tensor name).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numba
 import numpy as np
 import torch
@@ -59,6 +61,15 @@ def _load_impl(src, lo, n, dst):
         for j in range(n):
             dst[j] = src[lo + j]
     return load_f32
+
+
+@njit(inline="always")
+def _abs_delta(x, base, lo, m, xb, bb):
+    """xb[:m] = |x - base| over entries lo .. lo+m-1 (bb is scratch for the base's chunk)."""
+    _load(x, lo, m, xb)
+    _load(base, lo, m, bb)
+    for j in range(m):
+        xb[j] = abs(xb[j] - bb[j])
 
 
 def _store(dst, lo, n, src):
@@ -103,18 +114,24 @@ def _uniform_at(key, index):
 
 
 @njit(inline="always")
-def _uniform_pair(key, pair):
-    """Draws 2*pair and 2*pair + 1 of stream `key` (as _uniform_at gives them), from one hash."""
-    h = _mix(key + np.uint64(pair) * _GAMMA)
-    return np.float32(h >> np.uint64(40)) * _U24, np.float32((h >> np.uint64(16)) & np.uint64(0xFFFFFF)) * _U24
+def _draws(key, start, m, u):
+    """u[:m] = draws start .. start+m-1 of stream `key`: from an even start one hash per pair of entries (its
+    two halves are _uniform_at's even and odd draws), otherwise one draw at a time."""
+    paired = (m // 2) * 2 if start % 2 == 0 else 0
+    for q in range(paired // 2):
+        h = _mix(key + np.uint64((start >> 1) + q) * _GAMMA)
+        u[2 * q] = np.float32(h >> np.uint64(40)) * _U24
+        u[2 * q + 1] = np.float32((h >> np.uint64(16)) & np.uint64(0xFFFFFF)) * _U24
+    for j in range(paired, m):
+        u[j] = _uniform_at(key, start + j)
 
 
 @njit(parallel=True, cache=True)
 def _uniform_fill(key, offset, out):
     n = out.size
     for c in prange((n + _CHUNK - 1) // _CHUNK):
-        for j in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
-            out[j] = _uniform_at(key, offset + j)
+        lo = c * _CHUNK
+        _draws(key, offset + lo, min(_CHUNK, n - lo), out[lo:])
 
 
 class Stream:
@@ -167,10 +184,7 @@ def _abs_delta_histogram(x, base, nparts, shift, prefix):
         h = hist[p]
         for c in range(p * step, min(n, (p + 1) * step), _CHUNK):
             m = min(_CHUNK, n - c, (p + 1) * step - c)
-            _load(x, c, m, xb)
-            _load(base, c, m, bb)
-            for j in range(m):
-                xb[j] = abs(xb[j] - bb[j])
+            _abs_delta(x, base, c, m, xb, bb)
             bits = xb.view(np.uint32)
             if shift == 16:
                 for j in range(m):
@@ -189,10 +203,9 @@ def _index_of_equal(x, base, t, lo, hi, rank):
     bb = np.empty(_CHUNK, np.float32)
     for c in range(lo, hi, _CHUNK):
         m = min(_CHUNK, hi - c)
-        _load(x, c, m, xb)
-        _load(base, c, m, bb)
+        _abs_delta(x, base, c, m, xb, bb)
         for j in range(m):
-            if abs(xb[j] - bb[j]) == t:
+            if xb[j] == t:
                 rank -= 1
                 if rank == 0:
                     return c + j
@@ -219,10 +232,7 @@ def _sample_histogram(x, base, blocks):
     for b in range(blocks):
         lo = (n - _CHUNK) * b // max(1, blocks - 1) if blocks > 1 else 0
         m = min(_CHUNK, n - lo)
-        _load(x, lo, m, xb)
-        _load(base, lo, m, bb)
-        for j in range(m):
-            xb[j] = abs(xb[j] - bb[j])
+        _abs_delta(x, base, lo, m, xb, bb)
         for j in range(m):
             hist[bits[j] >> np.uint32(16)] += 1
     return hist
@@ -313,8 +323,14 @@ def _select_inside(inside, fill, left):
 _SAMPLE = 1 << 17  # entries sampled to place the bracket (in runs of _CHUNK)
 
 
+def _bits_float(bits: int) -> np.float32:
+    """The float32 whose bit pattern is `bits`."""
+    return np.array([bits], dtype=np.uint32).view(np.float32)[0]
+
+
 def _bucket_float(bucket: int) -> float:
-    return float(np.array([bucket << 16], dtype=np.uint32).view(np.float32)[0])
+    """The smallest non-negative float32 in a top-16-bit bucket."""
+    return float(_bits_float(bucket << 16))
 
 
 def magnitude_threshold(x: np.ndarray, base: np.ndarray, keep: int, mode: str = "exact"
@@ -363,7 +379,7 @@ def magnitude_thresholds(models: tuple, base: np.ndarray, keeps: list[int], mode
             found.append(_radix_threshold(x, base, keep, rank, mode, parts))
             continue
         key, greater, ties = _select_inside(inside[i], fill[i], left)
-        t = np.array([key], dtype=np.uint32).view(np.float32)[0]
+        t = _bits_float(int(key))
         if mode != "exact":
             found.append((float(t), n))
             continue
@@ -390,7 +406,7 @@ def _radix_threshold(x, base, keep: int, rank: int, mode: str, parts: int) -> tu
     low_per_part = _abs_delta_histogram(x, base, parts, 0, hi_bucket)
     low = low_per_part.sum(axis=0)
     digit, _, above_lo = _locate(low, rank - below_hi)
-    t = np.array([(hi_bucket << 16) | digit], dtype=np.uint32).view(np.float32)[0]
+    t = _bits_float((hi_bucket << 16) | digit)
     if mode != "exact":
         return float(t), n
     need = keep - above_hi - above_lo  # ties at t that may be kept (>= 1)
@@ -413,6 +429,7 @@ def _merge(base, models, modes, thresholds, cuts, probs, keys, offsets, scales, 
         total = np.zeros(_CHUNK, np.float32)
         mixed = np.zeros(_CHUNK, np.float32)
         divisor = np.zeros(_CHUNK, np.float32)
+        u = np.empty(_CHUNK, np.float32)
         _load(base, lo, m, bb)
         for i in range(nm):
             v = vals[i]
@@ -426,17 +443,10 @@ def _merge(base, models, modes, thresholds, cuts, probs, keys, offsets, scales, 
                     d *= one if (a > t) | ((a == t) & (j < cut)) else zero
                     v[j] = d * w if weighted else d
             elif mode == KEEP_RANDOM:
-                key, start, p, scale = keys[i], offsets[i] + lo, probs[i], scales[i]
-                paired = (m // 2) * 2 if start % 2 == 0 else 0  # even start: a hash per pair of entries
-                for q in range(paired // 2):
-                    u0, u1 = _uniform_pair(key, (start >> 1) + q)
-                    j = 2 * q
-                    d0 = (one if u0 < p else zero) * (v[j] - bb[j]) / scale
-                    d1 = (one if u1 < p else zero) * (v[j + 1] - bb[j + 1]) / scale
-                    v[j] = d0 * w if weighted else d0
-                    v[j + 1] = d1 * w if weighted else d1
-                for j in range(paired, m):
-                    d = (one if _uniform_at(key, start + j) < p else zero) * (v[j] - bb[j]) / scale
+                _draws(keys[i], offsets[i] + lo, m, u)
+                p, scale = probs[i], scales[i]
+                for j in range(m):
+                    d = (one if u[j] < p else zero) * (v[j] - bb[j]) / scale
                     v[j] = d * w if weighted else d
             else:
                 for j in range(m):
@@ -499,14 +509,18 @@ def inputs(base: torch.Tensor, tensors) -> tuple[np.ndarray, tuple] | None:
     return b, tuple(ms)
 
 
+@dataclass
 class KeepRule:
     """How one model's delta is sparsified before the merge: everything, a magnitude threshold (keep
     |delta| > t, and == t below flat index cut), or a DARE draw (keep where the stream's next uniform < prob,
     then divide by scale)."""
 
-    def __init__(self, mode=KEEP_ALL, threshold=0.0, cut=0, prob=1.0, stream: Stream | None = None, scale=1.0):
-        self.mode, self.threshold, self.cut = mode, threshold, cut
-        self.prob, self.stream, self.scale = prob, stream, scale
+    mode: int = KEEP_ALL
+    threshold: float = 0.0
+    cut: int = 0
+    prob: float = 1.0
+    stream: Stream | None = None
+    scale: float = 1.0
 
 
 def merge(base: np.ndarray, models: tuple, shape, rules, weights, consensus: str | None, normalize: bool,
