@@ -52,22 +52,29 @@ def _load(src, lo, n, dst):
 def _load_impl(src, lo, n, dst):
     if src.dtype == types.uint16:
         def load_bf16(src, lo, n, dst):
-            bits = dst.view(np.uint32)
+            part, bits = src[lo:lo + n], dst.view(np.uint32)
             for j in range(n):
-                bits[j] = np.uint32(src[lo + j]) << np.uint32(16)
+                bits[j] = np.uint32(part[j]) << np.uint32(16)
         return load_bf16
 
     def load_f32(src, lo, n, dst):
+        part = src[lo:lo + n]
         for j in range(n):
-            dst[j] = src[lo + j]
+            dst[j] = part[j]
     return load_f32
 
 
 @njit(inline="always")
 def _abs_delta(x, base, lo, m, xb, bb):
     """xb[:m] = |x - base| over entries lo .. lo+m-1 (bb is scratch for the base's chunk)."""
-    _load(x, lo, m, xb)
     _load(base, lo, m, bb)
+    _abs_delta_of(x, lo, m, xb, bb)
+
+
+@njit(inline="always")
+def _abs_delta_of(x, lo, m, xb, bb):
+    """xb[:m] = |x - base| over entries lo .. lo+m-1, the base's chunk already in bb."""
+    _load(x, lo, m, xb)
     for j in range(m):
         xb[j] = abs(xb[j] - bb[j])
 
@@ -80,19 +87,20 @@ def _store(dst, lo, n, src):
 def _store_impl(dst, lo, n, src):
     if dst.dtype == types.uint16:
         def store_bf16(dst, lo, n, src):
-            bits = src.view(np.uint32)
+            part, bits = dst[lo:lo + n], src.view(np.uint32)
             for j in range(n):
                 b = bits[j]
                 if src[j] != src[j]:  # NaN -> the canonical quiet NaN, as c10::BFloat16
-                    dst[lo + j] = np.uint16(0x7FC0)
+                    part[j] = np.uint16(0x7FC0)
                 else:  # round to nearest, ties to even
-                    dst[lo + j] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1)))
-                                            >> np.uint32(16))
+                    part[j] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1)))
+                                        >> np.uint32(16))
         return store_bf16
 
     def store_f32(dst, lo, n, src):
+        part = dst[lo:lo + n]
         for j in range(n):
-            dst[lo + j] = src[j]
+            part[j] = src[j]
     return store_f32
 
 
@@ -221,38 +229,36 @@ def _locate(counts: np.ndarray, rank: int) -> tuple[int, int, int]:
 
 
 @njit(cache=True)
-def _sample_histogram(x, base, blocks):
-    """Histogram of the top 16 bits of |x - base| over `blocks` runs of _CHUNK entries spread evenly over the
-    tensor (runs, not single entries: memory is read in streams, not one cache line per entry)."""
+def _sample(x, base, blocks):
+    """|x - base| over `blocks` runs of _CHUNK entries spread evenly over the tensor (runs, not single entries:
+    memory is read in streams, not one cache line per entry)."""
     n = base.size
-    hist = np.zeros(65536, np.int64)
-    xb = np.empty(_CHUNK, np.float32)
+    m = min(_CHUNK, n)
+    out = np.empty(blocks * m, np.float32)
     bb = np.empty(_CHUNK, np.float32)
-    bits = xb.view(np.uint32)
     for b in range(blocks):
-        lo = (n - _CHUNK) * b // max(1, blocks - 1) if blocks > 1 else 0
-        m = min(_CHUNK, n - lo)
-        _abs_delta(x, base, lo, m, xb, bb)
-        for j in range(m):
-            hist[bits[j] >> np.uint32(16)] += 1
-    return hist
+        _abs_delta(x, base, (n - m) * b // max(1, blocks - 1), m, out[b * m:], bb)
+    return out
+
+
+_GATHER_NONE, _GATHER_FEW, _GATHER_ALL = 0, 1, 2  # how _bracket collects the entries between two edges
 
 
 @njit(parallel=True, cache=True)
-def _bracket(models, base, lo, hi, nparts, cap):
-    """One sweep of every |x_i - base| against its bracket [lo_i, hi_i) (the base read once for all): per
-    model and part, the number of entries below the bracket and at or above it, the entries inside it (their
-    values in index order, up to `cap`; `fill` counts them all) and the number of non-finite entries."""
+def _bracket(models, base, edges, nedges, gather, nparts, cap):
+    """One sweep of every |x_i - base| against its sorted edges[i, :nedges[i]] (the base read once for all):
+    per model, part and edge e, how many entries are < edges[i, e] and how many <= it, and how many are not
+    finite; unless gather[i] is _GATHER_NONE, also the values in [edges[i, 0], edges[i, 1]] (in index order,
+    up to `cap`; `fill` counts them all)."""
     n = base.size
     nm = len(models)
     step = (n + nparts - 1) // nparts
-    below = np.zeros((nm, nparts), np.int64)
-    above = np.zeros((nm, nparts), np.int64)
+    less = np.zeros((nm, nparts, edges.shape[1]), np.int64)
+    at_most = np.zeros((nm, nparts, edges.shape[1]), np.int64)
     bad = np.zeros((nm, nparts), np.int64)
     fill = np.zeros((nm, nparts), np.int64)
     inside = np.empty((nm, nparts, cap), np.float32)
     inf = np.float32(np.inf)
-    last = cap - 1  # an overflowing part keeps counting; the caller then takes the radix path
     for p in prange(nparts):
         xb = np.empty(_CHUNK, np.float32)
         bb = np.empty(_CHUNK, np.float32)
@@ -260,26 +266,49 @@ def _bracket(models, base, lo, hi, nparts, cap):
             m = min(_CHUNK, n - c, (p + 1) * step - c)
             _load(base, c, m, bb)
             for i in range(nm):
-                _load(models[i], c, m, xb)
-                low, high = lo[i], hi[i]
-                nb, na, nbad = 0, 0, 0
+                _abs_delta_of(models[i], c, m, xb, bb)
+                # 32-bit counters per chunk and edge: LLVM vectorises these sums, not 64-bit sums of booleans
+                nbad = np.int32(0)
                 for j in range(m):
-                    a = abs(xb[j] - bb[j])
-                    xb[j] = a
-                    nb += a < low
-                    na += a >= high
-                    nbad += not (a < inf)
-                below[i, p] += nb
-                above[i, p] += na
+                    nbad += np.int32(not (xb[j] < inf))
                 bad[i, p] += nbad
-                row = inside[i, p]
-                k = fill[i, p]
-                for j in range(m):  # branch-free compaction: write every entry, advance past those inside
-                    v = xb[j]
-                    row[min(k, last)] = v
-                    k += (low <= v) & (v < high)
-                fill[i, p] = k
-    return below, above, bad, fill, inside
+                for e in range(nedges[i]):
+                    edge = edges[i, e]
+                    lt, le = np.int32(0), np.int32(0)
+                    for j in range(m):
+                        lt += np.int32(xb[j] < edge)
+                        le += np.int32(xb[j] <= edge)
+                    less[i, p, e] += lt
+                    at_most[i, p, e] += le
+                if gather[i] == _GATHER_NONE:
+                    continue
+                low, high = edges[i, 0], edges[i, 1]
+                if gather[i] == _GATHER_ALL:
+                    fill[i, p] = _compact(xb, 0, m, low, high, inside[i, p], fill[i, p])
+                else:  # few inside: compact only the 32-entry groups that hold any (counted vectorised)
+                    k = fill[i, p]
+                    for g in range(0, m, 32):
+                        g_end = min(m, g + 32)
+                        hits = np.int32(0)
+                        for j in range(g, g_end):
+                            hits += np.int32((low <= xb[j]) & (xb[j] <= high))
+                        if hits:
+                            k = _compact(xb, g, g_end, low, high, inside[i, p], k)
+                    fill[i, p] = k
+    return less, at_most, bad, fill, inside
+
+
+@njit(inline="always")
+def _compact(values, start, end, low, high, row, k):
+    """Append values[start:end] that lie in [low, high] to row from position k (clamped to its last slot: the
+    caller sees the overflow in the returned count); branch-free: every value is written, k advances past
+    those inside."""
+    last = row.size - 1
+    for j in range(start, end):
+        v = values[j]
+        row[min(k, last)] = v
+        k += (low <= v) & (v <= high)
+    return k
 
 
 @njit(cache=True)
@@ -328,11 +357,6 @@ def _bits_float(bits: int) -> np.float32:
     return np.array([bits], dtype=np.uint32).view(np.float32)[0]
 
 
-def _bucket_float(bucket: int) -> float:
-    """The smallest non-negative float32 in a top-16-bit bucket."""
-    return float(_bits_float(bucket << 16))
-
-
 def magnitude_threshold(x: np.ndarray, base: np.ndarray, keep: int, mode: str = "exact"
                         ) -> tuple[float, int] | None:
     """(t, cut) such that entry j of |x - base| is kept iff it is > t, or == t with j < cut.
@@ -344,47 +368,64 @@ def magnitude_threshold(x: np.ndarray, base: np.ndarray, keep: int, mode: str = 
     return None if found is None else found[0]
 
 
+_CANDIDATES = 4  # at most this many distinct sampled values near the rank are counted one by one
+_FEW_SHARE = 0.02  # below this share of entries inside a bracket, _GATHER_FEW beats _GATHER_ALL
+
+
 def magnitude_thresholds(models: tuple, base: np.ndarray, keeps: list[int], mode: str = "exact"
                          ) -> list[tuple[float, int]] | None:
     """:func:`magnitude_threshold` of several models against one base, in one sweep over all of them.
 
-    A sample (32 runs of 4096 entries) places a bracket of 16-bit buckets around each wanted rank (+-4 sigma
-    of the sample's rank error); one sweep counts the entries below and above it and gathers those inside
-    (1-7 % here: bf16 deltas tie a lot), and the exact value comes from those (:func:`_select_inside`). Should a
-    sample mislead (the rank falls outside the bracket, or too many entries fall inside), the two-sweep radix
-    selection of :func:`_radix_threshold` decides for that model; both give the very float ``kthvalue``
-    gives. None when any model's deltas hold inf or NaN."""
+    A sample (32 runs of 4096 entries) gives a window of values around each wanted rank (its order statistics
+    +-4 sigma of the rank error away). bf16 deltas tie a lot (one value can hold 2-7 % of a tensor), so the
+    window usually holds a few distinct values: one sweep then counts, for each, the entries below it and up
+    to it, and the threshold is the value whose count range holds the rank (its ties per part come with it).
+    When the window holds many values (float32 models), the sweep counts the entries below and above the
+    window and gathers those inside (~1 %), and the exact value comes from those (:func:`_select_inside`).
+    Should a sample mislead (the rank falls outside the window or between two counted values, or too many
+    entries fall inside), the two-sweep radix selection of :func:`_radix_threshold` decides for that model;
+    all give the very float ``kthvalue`` gives. None when any model's deltas hold inf or NaN."""
     n = base.size
     parts = _parts(n)
     step = (n + parts - 1) // parts
     ranks = [n - keep + 1 if mode == "exact" else n - keep for keep in keeps]  # ascending, 1-based
-    lo, hi = np.empty(len(models), np.float32), np.empty(len(models), np.float32)
+    edges = np.zeros((len(models), _CANDIDATES), np.float32)
+    nedges = np.empty(len(models), np.int64)
+    gather = np.empty(len(models), np.int8)
     for i, (x, rank) in enumerate(zip(models, ranks)):
-        sample = _sample_histogram(x, base, max(1, min(n, _SAMPLE) // _CHUNK))
-        if sample[_INF_TOP:].any():
+        sample = _sample(x, base, max(1, min(n, _SAMPLE) // _CHUNK))
+        if not np.isfinite(sample).all():
             return None
-        taken = int(sample.sum())
-        q = rank / n
+        taken, q = sample.size, rank / n
         margin = 4.0 * (taken * q * (1 - q)) ** 0.5 + 16
-        lo[i] = _bucket_float(_locate(sample, max(1, int(q * taken - margin)))[0])
-        hi[i] = _bucket_float(_locate(sample, min(taken, int(q * taken + margin) + 1))[0] + 1)
-    cap = step // 8 + 64
-    below, above, bad, fill, inside = _bracket(models, base, lo, hi, parts, cap)
+        ends = [max(0, int(q * taken - margin)), min(taken - 1, int(q * taken + margin))]
+        window = np.unique(np.partition(sample, ends)[ends[0]:ends[1] + 1])
+        if window.size <= _CANDIDATES:
+            edges[i, :window.size], nedges[i], gather[i] = window, window.size, _GATHER_NONE
+        else:
+            edges[i, :2], nedges[i] = (window[0], window[-1]), 2
+            share = ((sample >= window[0]) & (sample <= window[-1])).mean()
+            gather[i] = _GATHER_FEW if share < _FEW_SHARE else _GATHER_ALL
+    cap = step // 8 + 64 if (gather != _GATHER_NONE).any() else 1
+    less, at_most, bad, fill, inside = _bracket(models, base, edges, nedges, gather, parts, cap)
     if bad.any():
         return None
     found = []
     for i, (x, keep, rank) in enumerate(zip(models, keeps, ranks)):
-        left = rank - int(below[i].sum())
-        if (fill[i] > cap).any() or not 1 <= left <= int(fill[i].sum()):
+        lt, le = less[i].sum(axis=0), at_most[i].sum(axis=0)
+        e = int(np.searchsorted(le[:nedges[i]], rank))  # the first edge with rank <= entries up to it
+        if e < nedges[i] and lt[e] < rank:  # the rank falls on edge e's value itself
+            t, greater, ties = edges[i, e], n - int(le[e]), at_most[i, :, e] - less[i, :, e]
+        elif gather[i] != _GATHER_NONE and lt[0] < rank <= le[1] and not (fill[i] > cap).any():
+            key, above, ties = _select_inside(inside[i], fill[i], rank - int(lt[0]))
+            t, greater = _bits_float(int(key)), n - int(le[1]) + int(above)
+        else:
             found.append(_radix_threshold(x, base, keep, rank, mode, parts))
             continue
-        key, greater, ties = _select_inside(inside[i], fill[i], left)
-        t = _bits_float(int(key))
         if mode != "exact":
             found.append((float(t), n))
             continue
-        need = keep - int(above[i].sum()) - int(greater)
-        found.append((float(t), _tie_cut(x, base, t, need, ties, step)))
+        found.append((float(t), _tie_cut(x, base, t, keep - greater, ties, step)))
     return found
 
 
@@ -529,8 +570,11 @@ def merge(base: np.ndarray, models: tuple, shape, rules, weights, consensus: str
     w = torch.tensor([float(x) for x in weights], dtype=torch.float32)
     divisor = w.sum()
     divisor = np.float32(1.0 if abs(float(divisor)) < 1e-8 else float(divisor))
-    out_t = torch.empty(shape, dtype=torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32)
-    out = as_array(out_t)
+    # numpy's allocation, not torch.empty: numpy asks for huge pages, and faulting in a fresh output
+    # tensor was a third of the time of a TIES merge in torch's 4 KB pages
+    out = np.empty(base.size, np.uint16 if out_dtype == torch.bfloat16 else np.float32)
+    out_t = torch.from_numpy(out)
+    out_t = (out_t.view(torch.bfloat16) if out_dtype == torch.bfloat16 else out_t).view(shape)
     f32 = np.float32
     _use_torch_threads()
     random = [r.stream is not None for r in rules]

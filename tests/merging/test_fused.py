@@ -232,3 +232,52 @@ def test_random_rule_draws_the_stream_from_its_offset(skip):
     expect = (uniform(replay, base) < 0.3).float().mul_(x - base).div_(0.3).add_(base)
     assert torch.equal(out, expect)
     assert stream.offset == skip + base.numel()
+
+
+@pytest.mark.parametrize("dtype,few_share,expect", [
+    (torch.bfloat16, 0.02, fused._GATHER_NONE),  # bf16 deltas: a few distinct values near the rank, counted
+    (torch.float32, 0.02, fused._GATHER_FEW),  # all distinct: ~1 % gathered, group by group
+    (torch.float32, 0.0, fused._GATHER_ALL),  # the same, gathered entry by entry
+])
+def test_each_selection_path_gives_kthvalue(monkeypatch, dtype, few_share, expect):
+    """The three ways the one-sweep selection resolves a rank, each exact (threshold = kthvalue, exactly `keep`
+    entries kept, ties by lower index), for several ranks, without the radix fallback."""
+    base, tensors = models((700, 1100), 3, dtype, seed=2)
+    modes = []
+    real = fused._bracket
+    monkeypatch.setattr(fused, "_FEW_SHARE", few_share)
+    monkeypatch.setattr(fused, "_bracket", lambda *a: modes.extend(a[4].tolist()) or real(*a))
+    monkeypatch.setattr(fused, "_radix_threshold", lambda *a: pytest.fail("took the radix fallback"))
+    n = base.numel()
+    keeps = [n // 3, n // 2, n - n // 3]
+    found = fused.magnitude_thresholds(fused.inputs(base, tensors)[1], fused.as_array(base), keeps)
+    assert modes == [expect] * 3
+    for x, keep, (t, cut) in zip(tensors, keeps, found):
+        a = (x.float() - base.float()).abs().flatten()
+        assert t == float(a.kthvalue(n - keep + 1).values)
+        kept = (a > t) | ((a == t) & (torch.arange(n) < cut))
+        assert int(kept.sum()) == keep
+        assert torch.equal(kept, largest_mask(a, keep))
+
+
+def test_rank_between_counted_values_falls_back_to_radix(monkeypatch):
+    """When the wanted rank falls between two counted sample values (on a value the sample missed), the
+    counts cannot name it and the exact radix selection answers."""
+    n = 1 << 18
+    delta = torch.full((n,), 1.0)
+    delta[n // 2:] = 3.0
+    missed = torch.zeros(n, dtype=torch.bool)  # a value between 1 and 3 outside every sampled run
+    blocks = fused._SAMPLE // fused._CHUNK
+    for b in range(blocks - 1):
+        lo = (n - fused._CHUNK) * b // (blocks - 1) + fused._CHUNK
+        missed[lo:lo + 100] = True
+    delta[missed & (torch.arange(n) < n // 2)] = 2.0
+    base = torch.zeros(n)
+    calls = []
+    real = fused._radix_threshold
+    monkeypatch.setattr(fused, "_radix_threshold", lambda *a: calls.append(1) or real(*a))
+    keep = n // 2 + int((missed & (torch.arange(n) < n // 2)).sum()) // 2  # ranks into the 2.0 entries
+    t, cut = fused.magnitude_threshold(fused.as_array(delta), fused.as_array(base), keep)
+    assert calls
+    assert t == 2.0 == float(delta.kthvalue(n - keep + 1).values)
+    assert torch.equal((delta > t) | ((delta == t) & (torch.arange(n) < cut)), largest_mask(delta, keep))
