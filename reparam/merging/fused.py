@@ -31,7 +31,8 @@ import numba
 import numpy as np
 import torch
 from numba import njit, prange, types
-from numba.extending import overload
+from llvmlite import ir
+from numba.extending import intrinsic, overload
 
 _CHUNK = 4096  # elements per inner block: a few float32 buffers of this size stay in L1/L2
 _INF_TOP = 0x7F80  # top 16 bits of +inf: this bucket and above hold inf and NaN
@@ -42,6 +43,23 @@ CONSENSUS = {None: 0, "sum": 1, "count": 2}
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
+
+
+@intrinsic
+def _float_of(typingctx, bits):
+    """The float32 whose bit pattern is the uint32 `bits` (a register bitcast)."""
+    return types.float32(types.uint32), lambda context, builder, sig, args: builder.bitcast(args[0], ir.FloatType())
+
+
+def _value(src, j):
+    """src[j] as float32; src holds float32 values or bfloat16 bit patterns (uint16)."""
+
+
+@overload(_value)
+def _value_impl(src, j):
+    if src.dtype == types.uint16:
+        return lambda src, j: _float_of(np.uint32(src[j]) << np.uint32(16))
+    return lambda src, j: src[j]
 
 
 def _load(src, lo, n, dst):
@@ -454,6 +472,13 @@ def _radix_threshold(x, base, keep: int, rank: int, mode: str, parts: int) -> tu
     return float(t), _tie_cut(x, base, t, need, low_per_part[:, digit], (n + parts - 1) // parts)
 
 
+@njit(inline="always")
+def _consensus_term(d, consensus):
+    """What a delta adds to the sign election: its sign for "count", else itself."""
+    one, zero = np.float32(1.0), np.float32(0.0)
+    return (one if d > 0 else (-one if d < 0 else zero)) if consensus == 2 else d
+
+
 @njit(parallel=True, cache=True)
 def _merge(base, models, modes, thresholds, cuts, probs, keys, offsets, scales, weights, weighted, consensus,
            normalize, fixed_divisor, lam, out):
@@ -473,26 +498,29 @@ def _merge(base, models, modes, thresholds, cuts, probs, keys, offsets, scales, 
         u = np.empty(_CHUNK, np.float32)
         _load(base, lo, m, bb)
         for i in range(nm):
-            v = vals[i]
-            _load(models[i], lo, m, v)
+            x, v = models[i][lo:lo + m], vals[i]
             mode, w = modes[i], weights[i] if weighted else one
+            # the load, the keep rule, the weight and the consensus term in one loop per model
             if mode == KEEP_MAGNITUDE:
                 t, cut = thresholds[i], cuts[i] - lo
                 for j in range(m):
-                    d = v[j] - bb[j]
+                    d = _value(x, j) - bb[j]
                     a = abs(d)
                     d *= one if (a > t) | ((a == t) & (j < cut)) else zero
-                    v[j] = d * w if weighted else d
+                    d = d * w if weighted else d
+                    v[j] = d
             elif mode == KEEP_RANDOM:
                 _draws(keys[i], offsets[i] + lo, m, u)
                 p, scale = probs[i], scales[i]
                 for j in range(m):
-                    d = (one if u[j] < p else zero) * (v[j] - bb[j]) / scale
-                    v[j] = d * w if weighted else d
+                    d = (one if u[j] < p else zero) * (_value(x, j) - bb[j]) / scale
+                    d = d * w if weighted else d
+                    v[j] = d
             else:
                 for j in range(m):
-                    d = v[j] - bb[j]
-                    v[j] = d * w if weighted else d
+                    d = _value(x, j) - bb[j]
+                    d = d * w if weighted else d
+                    v[j] = d
             if consensus == 2:
                 for j in range(m):
                     total[j] += one if v[j] > 0 else (-one if v[j] < 0 else zero)
