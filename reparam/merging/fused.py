@@ -259,6 +259,33 @@ def _sample(x, base, blocks):
     return out
 
 
+@njit(cache=True)
+def _order_window(values, first, last):
+    """The first-th .. last-th smallest (0-based) of non-negative float32 values, sorted: bucketed by the top 14
+    bits of their patterns (a table that stays in cache), only the buckets that hold that range are sorted
+    (np.partition of the whole sample took 2-4x longer)."""
+    bits = values.view(np.uint32)
+    hist = np.zeros(1 << 14, np.int32)
+    for j in range(values.size):
+        hist[bits[j] >> np.uint32(18)] += 1
+    below, b_lo = 0, 0
+    while below + hist[b_lo] <= first:
+        below += hist[b_lo]
+        b_lo += 1
+    b_hi, upto = b_lo, below + hist[b_lo]
+    while upto <= last:
+        b_hi += 1
+        upto += hist[b_hi]
+    picked = np.empty(upto - below, np.float32)
+    k = 0
+    for j in range(values.size):
+        if b_lo <= (bits[j] >> np.uint32(18)) <= b_hi:
+            picked[k] = values[j]
+            k += 1
+    picked.sort()
+    return picked[first - below:last - below + 1]
+
+
 _GATHER_NONE, _GATHER_FEW, _GATHER_ALL = 0, 1, 2  # how _bracket collects the entries between two edges
 
 
@@ -417,7 +444,7 @@ def magnitude_thresholds(models: tuple, base: np.ndarray, keeps: list[int], mode
         taken, q = sample.size, rank / n
         margin = 4.0 * (taken * q * (1 - q)) ** 0.5 + 16
         ends = [max(0, int(q * taken - margin)), min(taken - 1, int(q * taken + margin))]
-        window = np.unique(np.partition(sample, ends)[ends[0]:ends[1] + 1])
+        window = np.unique(_order_window(sample, ends[0], ends[1]))
         if window.size <= _CANDIDATES:
             edges[i, :window.size], nedges[i], gather[i] = window, window.size, _GATHER_NONE
         else:

@@ -281,3 +281,12 @@ def test_rank_between_counted_values_falls_back_to_radix(monkeypatch):
     assert calls
     assert t == 2.0 == float(delta.kthvalue(n - keep + 1).values)
     assert torch.equal((delta > t) | ((delta == t) & (torch.arange(n) < cut)), largest_mask(delta, keep))
+
+
+@pytest.mark.parametrize("first,last", [(0, 0), (0, 10), (60_000, 61_000), (131_000, 131_071), (5, 5)])
+def test_order_window_equals_sorted_slice(first, last):
+    rng = np.random.default_rng(0)
+    spread = np.abs(rng.standard_normal(131_072)).astype(np.float32)
+    tied = (np.round(spread * 50) / 50).astype(np.float32)  # a few hundred distinct values
+    for values in (spread, tied, np.zeros_like(spread)):
+        assert np.array_equal(fused._order_window(values, first, last), np.sort(values)[first:last + 1])
