@@ -156,7 +156,7 @@ def _draws(key, start, m, u):
         u[j] = _uniform_at(key, start + j)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _uniform_fill(key, offset, out):
     n = out.size
     for c in prange((n + _CHUNK - 1) // _CHUNK):
@@ -201,7 +201,7 @@ def _parts(n):
     return max(1, min(16 * _use_torch_threads(), (n + _CHUNK - 1) // _CHUNK))
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _abs_delta_histogram(x, base, nparts, shift, prefix):
     """Per part (a contiguous range of entries), a histogram of 16 bits of |x - base|'s float32 pattern: the
     top 16 bits (shift 16), or the low 16 bits of the entries whose top 16 bits equal `prefix` (shift 0)."""
@@ -226,7 +226,7 @@ def _abs_delta_histogram(x, base, nparts, shift, prefix):
     return hist
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _index_of_equal(x, base, t, lo, hi, rank):
     """Flat index of the rank-th (1-based) entry in [lo, hi) with |x - base| == t."""
     xb = np.empty(_CHUNK, np.float32)
@@ -250,7 +250,7 @@ def _locate(counts: np.ndarray, rank: int) -> tuple[int, int, int]:
     return bucket, below, int(cum[-1] - cum[bucket])
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _sample(x, base, blocks):
     """|x - base| over `blocks` runs of _CHUNK entries spread evenly over the tensor (runs, not single entries:
     memory is read in streams, not one cache line per entry)."""
@@ -263,11 +263,9 @@ def _sample(x, base, blocks):
     return out
 
 
-@njit(cache=True)
-def _order_window(values, first, last):
-    """The first-th .. last-th smallest (0-based) of non-negative float32 values, sorted: bucketed by the top 14
-    bits of their patterns (a table that stays in cache), only the buckets that hold that range are sorted
-    (np.partition of the whole sample took 2-4x longer)."""
+@njit(cache=True, nogil=True)
+def _window_buckets(values, first, last):
+    """The values in the top-14-bit buckets that hold the first-th .. last-th smallest, and how many are below."""
     bits = values.view(np.uint32)
     hist = np.zeros(1 << 14, np.int32)
     for j in range(values.size):
@@ -280,20 +278,29 @@ def _order_window(values, first, last):
     while upto <= last:
         b_hi += 1
         upto += hist[b_hi]
-    picked = np.empty(upto - below, np.float32)
+    size = upto - below
+    picked = np.empty(size + 1, np.float32)
+    lo, hi = np.uint32(b_lo) << np.uint32(18), np.uint32(b_hi + 1) << np.uint32(18)
     k = 0
-    for j in range(values.size):
-        if b_lo <= (bits[j] >> np.uint32(18)) <= b_hi:
-            picked[k] = values[j]
-            k += 1
-    picked.sort()
-    return picked[first - below:last - below + 1]
+    for j in range(values.size):  # branch-free: a branch mispredicted on every hit took 4x longer
+        picked[min(k, size)] = values[j]
+        k += (bits[j] >= lo) & (bits[j] < hi)
+    return picked[:size], below
+
+
+def _order_window(values, first, last):
+    """The first-th .. last-th smallest (0-based) of non-negative float32 values, sorted: bucketed by the top 14
+    bits of their patterns (a table that stays in cache), only the buckets that hold that range are sorted
+    (np.partition of the whole sample took ~2x longer; numpy sorts them: numba's quicksort is quadratic on the
+    many equal values bf16 deltas have)."""
+    picked, below = _window_buckets(values, first, last)
+    return np.sort(picked)[first - below:last - below + 1]
 
 
 _GATHER_NONE, _GATHER_FEW, _GATHER_ALL = 0, 1, 2  # how _bracket collects the entries between two edges
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _bracket(models, base, edges, nedges, gather, nparts, cap):
     """One sweep of every |x_i - base| against its sorted edges[i, :nedges[i]] (the base read once for all):
     per model, part and edge e, how many entries are < edges[i, e] and how many <= it, and how many are not
@@ -315,13 +322,20 @@ def _bracket(models, base, edges, nedges, gather, nparts, cap):
             m = min(_CHUNK, n - c, (p + 1) * step - c)
             _load(base, c, m, bb)
             for i in range(nm):
-                _abs_delta_of(models[i], c, m, xb, bb)
-                # 32-bit counters per chunk and edge: LLVM vectorises these sums, not 64-bit sums of booleans
-                nbad = np.int32(0)
+                # the delta, the non-finite count and the first edge's counts in one loop (most brackets have
+                # one edge); 32-bit counters per chunk: LLVM vectorises these sums, not 64-bit sums of booleans
+                x, edge = models[i][c:c + m], edges[i, 0]
+                nbad, lt, le = np.int32(0), np.int32(0), np.int32(0)
                 for j in range(m):
-                    nbad += np.int32(not (xb[j] < inf))
+                    a = abs(_value(x, j) - bb[j])
+                    xb[j] = a
+                    nbad += np.int32(not (a < inf))
+                    lt += np.int32(a < edge)
+                    le += np.int32(a <= edge)
                 bad[i, p] += nbad
-                for e in range(nedges[i]):
+                less[i, p, 0] += lt
+                at_most[i, p, 0] += le
+                for e in range(1, nedges[i]):
                     edge = edges[i, e]
                     lt, le = np.int32(0), np.int32(0)
                     for j in range(m):
@@ -360,7 +374,7 @@ def _compact(values, start, end, low, high, row, k):
     return k
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _select_inside(inside, fill, left):
     """Among the gathered values (inside[p, :fill[p]] for each part p; non-negative, so their bit patterns
     order as they do): the left-th smallest (1-based) as its bit pattern, how many are greater, and per part
@@ -510,7 +524,7 @@ def _consensus_term(d, consensus):
     return (one if d > 0 else (-one if d < 0 else zero)) if consensus == 2 else d
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _merge(base, models, modes, thresholds, cuts, probs, keys, offsets, scales, weights, weighted, consensus,
            normalize, fixed_divisor, lam, out):
     # Every inner loop is over j (the chunk's entries) and free of branches on the data, so LLVM vectorises
