@@ -63,42 +63,24 @@ def _value_impl(src, j):
     return lambda src, j: src[j]
 
 
+@njit(inline="always")
 def _load(src, lo, n, dst):
     """dst[:n] = float32(src[lo:lo+n]); src holds float32 values or bfloat16 bit patterns (uint16).
 
     The kernels slice before their inner loops: indexed as src[lo + j], numba's check for a negative index
     kept LLVM from vectorising the loop (2-5x slower)."""
-
-
-@overload(_load)
-def _load_impl(src, lo, n, dst):
-    if src.dtype == types.uint16:
-        def load_bf16(src, lo, n, dst):
-            part, bits = src[lo:lo + n], dst.view(np.uint32)
-            for j in range(n):
-                bits[j] = np.uint32(part[j]) << np.uint32(16)
-        return load_bf16
-
-    def load_f32(src, lo, n, dst):
-        part = src[lo:lo + n]
-        for j in range(n):
-            dst[j] = part[j]
-    return load_f32
+    part = src[lo:lo + n]
+    for j in range(n):
+        dst[j] = _value(part, j)
 
 
 @njit(inline="always")
 def _abs_delta(x, base, lo, m, xb, bb):
     """xb[:m] = |x - base| over entries lo .. lo+m-1 (bb is scratch for the base's chunk)."""
     _load(base, lo, m, bb)
-    _abs_delta_of(x, lo, m, xb, bb)
-
-
-@njit(inline="always")
-def _abs_delta_of(x, lo, m, xb, bb):
-    """xb[:m] = |x - base| over entries lo .. lo+m-1, the base's chunk already in bb."""
-    _load(x, lo, m, xb)
+    part = x[lo:lo + m]
     for j in range(m):
-        xb[j] = abs(xb[j] - bb[j])
+        xb[j] = abs(_value(part, j) - bb[j])
 
 
 def _store(dst, lo, n, src):
@@ -516,13 +498,6 @@ def _radix_threshold(x, base, keep: int, rank: int, mode: str, parts: int) -> tu
     return float(t), _tie_cut(x, base, t, need, low_per_part[:, digit], (n + parts - 1) // parts)
 
 
-@njit(inline="always")
-def _consensus_term(d, consensus):
-    """What a delta adds to the sign election: its sign for "count", else itself."""
-    one, zero = np.float32(1.0), np.float32(0.0)
-    return (one if d > 0 else (-one if d < 0 else zero)) if consensus == 2 else d
-
-
 @njit(parallel=True, cache=True, nogil=True)
 def _merge(base, models, modes, thresholds, cuts, probs, keys, offsets, scales, weights, weighted, consensus,
            normalize, fixed_divisor, lam, out):
@@ -544,7 +519,7 @@ def _merge(base, models, modes, thresholds, cuts, probs, keys, offsets, scales, 
         for i in range(nm):
             x, v = models[i][lo:lo + m], vals[i]
             mode, w = modes[i], weights[i] if weighted else one
-            # the load, the keep rule, the weight and the consensus term in one loop per model
+            # the load, the keep rule and the weight in one loop per model
             if mode == KEEP_MAGNITUDE:
                 t, cut = thresholds[i], cuts[i] - lo
                 for j in range(m):
