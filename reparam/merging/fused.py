@@ -75,6 +75,13 @@ def _load(src, lo, n, dst):
 
 
 @njit(inline="always")
+def _add32(count, flag):
+    """count + flag in 32 bits: numba widens int32 + int32 to int64, and 64-bit sums of booleans vectorise
+    4 lanes wide on AVX2 instead of 8 (the bracket sweep ran at half the speed)."""
+    return np.int32(count + np.int32(flag))
+
+
+@njit(inline="always")
 def _abs_delta(x, base, lo, m, xb, bb):
     """xb[:m] = |x - base| over entries lo .. lo+m-1 (bb is scratch for the base's chunk)."""
     _load(base, lo, m, bb)
@@ -304,15 +311,15 @@ def _bracket(models, base, edges, nedges, gather, nparts, cap):
             _load(base, c, m, bb)
             for i in range(nm):
                 # the delta, the non-finite count and the first edge's counts in one loop (most brackets have
-                # one edge); 32-bit counters per chunk: LLVM vectorises these sums, not 64-bit sums of booleans
+                # one edge); 32-bit counters per chunk (_add32)
                 x, edge = models[i][c:c + m], edges[i, 0]
                 nbad, lt, le = np.int32(0), np.int32(0), np.int32(0)
                 for j in range(m):
                     a = abs(_value(x, j) - bb[j])
                     xb[j] = a
-                    nbad += np.int32(not (a < inf))
-                    lt += np.int32(a < edge)
-                    le += np.int32(a <= edge)
+                    nbad = _add32(nbad, not (a < inf))
+                    lt = _add32(lt, a < edge)
+                    le = _add32(le, a <= edge)
                 bad[i, p] += nbad
                 less[i, p, 0] += lt
                 at_most[i, p, 0] += le
@@ -320,8 +327,8 @@ def _bracket(models, base, edges, nedges, gather, nparts, cap):
                     edge = edges[i, e]
                     lt, le = np.int32(0), np.int32(0)
                     for j in range(m):
-                        lt += np.int32(xb[j] < edge)
-                        le += np.int32(xb[j] <= edge)
+                        lt = _add32(lt, xb[j] < edge)
+                        le = _add32(le, xb[j] <= edge)
                     less[i, p, e] += lt
                     at_most[i, p, e] += le
                 if gather[i] == _GATHER_NONE:
@@ -335,7 +342,7 @@ def _bracket(models, base, edges, nedges, gather, nparts, cap):
                         g_end = min(m, g + 32)
                         hits = np.int32(0)
                         for j in range(g, g_end):
-                            hits += np.int32((low <= xb[j]) & (xb[j] <= high))
+                            hits = _add32(hits, (low <= xb[j]) & (xb[j] <= high))
                         if hits:
                             k = _compact(xb, g, g_end, low, high, inside[i, p], k)
                     fill[i, p] = k
