@@ -505,6 +505,45 @@ def _radix_threshold(x, base, keep: int, rank: int, mode: str, parts: int) -> tu
     return float(t), _tie_cut(x, base, t, need, low_per_part[:, digit], (n + parts - 1) // parts)
 
 
+@njit(inline="always")
+def _sign(d):
+    """1, -1 or 0 as a float32 (a model's vote when the consensus counts signs)."""
+    one, zero = np.float32(1.0), np.float32(0.0)
+    return one if d > 0 else (-one if d < 0 else zero)
+
+
+@njit(inline="always")
+def _add_rows(d0, d1, d2, d3, nm):
+    """0 + d0 + ... + d_{nm-1} in that order (the torch path's sum over models)."""
+    total = np.float32(0.0) + d0
+    if nm > 1:
+        total += d1
+    if nm > 2:
+        total += d2
+    if nm > 3:
+        total += d3
+    return total
+
+
+@njit(inline="always")
+def _disjoint_mean(d0, d1, d2, d3, nm, total, weights, normalize):
+    """The (weighted) mean of the values whose sign agrees with total's (the elected sign; 0 counts as +)."""
+    one, zero = np.float32(1.0), np.float32(0.0)
+    sign = one if total >= 0 else -one
+    agree = one if d0 * sign > 0 else zero
+    mix, divisor = zero + d0 * agree, zero + weights[0] * agree
+    if nm > 1:
+        agree = one if d1 * sign > 0 else zero
+        mix, divisor = mix + d1 * agree, divisor + weights[1] * agree
+    if nm > 2:
+        agree = one if d2 * sign > 0 else zero
+        mix, divisor = mix + d2 * agree, divisor + weights[2] * agree
+    if nm > 3:
+        agree = one if d3 * sign > 0 else zero
+        mix, divisor = mix + d3 * agree, divisor + weights[3] * agree
+    return mix / (divisor if divisor != 0 else one) if normalize else mix
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def _merge(base, models, modes, thresholds, cuts, probs, keys, offsets, scales, weights, weighted, consensus,
            normalize, fixed_divisor, lam, out):
@@ -518,9 +557,7 @@ def _merge(base, models, modes, thresholds, cuts, probs, keys, offsets, scales, 
         m = min(_CHUNK, n - lo)
         bb = np.empty(_CHUNK, np.float32)
         vals = np.empty((nm, _CHUNK), np.float32)
-        total = np.zeros(_CHUNK, np.float32)
-        mixed = np.zeros(_CHUNK, np.float32)
-        divisor = np.zeros(_CHUNK, np.float32)
+        mixed = np.empty(_CHUNK, np.float32)
         u = np.empty(_CHUNK, np.float32)
         _load(base, lo, m, bb)
         for i in range(nm):
@@ -547,30 +584,28 @@ def _merge(base, models, modes, thresholds, cuts, probs, keys, offsets, scales, 
                     d = _value(x, j) - bb[j]
                     d = d * w if weighted else d
                     v[j] = d
-            if consensus == 2:
-                for j in range(m):
-                    total[j] += one if v[j] > 0 else (-one if v[j] < 0 else zero)
-            else:
-                for j in range(m):
-                    total[j] += v[j]
+        # The consensus with every model's kept value of an entry in a register (nm is part of the kernel's
+        # type, so the `nm > k` tests fold away), one loop per consensus kind (testing it inside the loop cost
+        # a third of the kernel's time): 1.2x the speed of a loop per model over arrays of sums. Sums run in
+        # model order, as the torch path adds them.
+        r0, r1, r2, r3 = vals[0], vals[min(1, nm - 1)], vals[min(2, nm - 1)], vals[min(3, nm - 1)]
         if consensus == 0:
             for j in range(m):
-                mixed[j] = total[j] / fixed_divisor if normalize else total[j]
+                total = _add_rows(r0[j], r1[j], r2[j], r3[j], nm)
+                mixed[j] = total / fixed_divisor if normalize else total
+        elif consensus == 1:
+            for j in range(m):
+                total = _add_rows(r0[j], r1[j], r2[j], r3[j], nm)
+                mixed[j] = _disjoint_mean(r0[j], r1[j], r2[j], r3[j], nm, total, weights, normalize)
         else:
             for j in range(m):
-                total[j] = one if total[j] >= 0 else -one  # the elected sign
-            for i in range(nm):
-                v = vals[i]
-                w = weights[i]
-                for j in range(m):
-                    agree = one if v[j] * total[j] > 0 else zero
-                    mixed[j] += v[j] * agree
-                    divisor[j] += w * agree
-            if normalize:
-                for j in range(m):
-                    mixed[j] /= divisor[j] if divisor[j] != 0 else one
+                total = _add_rows(_sign(r0[j]), _sign(r1[j]), _sign(r2[j]), _sign(r3[j]), nm)
+                mixed[j] = _disjoint_mean(r0[j], r1[j], r2[j], r3[j], nm, total, weights, normalize)
+        if lam != 1:
+            for j in range(m):
+                mixed[j] *= lam
         for j in range(m):
-            mixed[j] = (mixed[j] * lam if lam != 1 else mixed[j]) + bb[j]
+            mixed[j] += bb[j]
         _store(out, lo, m, mixed)
 
 MAX_MODELS = 4  # gta's sum_models adds up to 4 terms in order; beyond that torch's own reduction order rules

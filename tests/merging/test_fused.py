@@ -45,6 +45,8 @@ TIES_CASES = [
     ((7,), torch.float32, 0.5, "exact", [1, 1, 1], "sum", True, 1.0, None),  # smaller than a chunk
     ((100, 100), torch.bfloat16, 0.001, "exact", [1, 2], "sum", True, 1.0, torch.bfloat16),  # keeps 10 of 10k
     ((10, 10), torch.float32, 0.001, "exact", [1, 1], "sum", True, 1.0, torch.float32),  # keeps none
+    ((50, 90), torch.bfloat16, 0.4, "exact", [1.5], "sum", True, 1.0, torch.bfloat16),  # one model
+    ((128, 33), torch.float32, 0.6, "exact", [1, 0.5, 2, 1], "count", True, 0.8, torch.float32),  # four
 ]
 
 
