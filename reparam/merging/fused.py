@@ -26,6 +26,8 @@ is a hash of (seed, model index, tensor name).
 """
 from __future__ import annotations
 
+import os
+import threading
 from dataclasses import dataclass
 
 import numba
@@ -171,14 +173,37 @@ def uniform(stream: Stream, like: torch.Tensor) -> torch.Tensor:
     so row chunks drawn one after the other equal the whole tensor's draw."""
     out = np.empty(like.numel(), dtype=np.float32)
     _use_torch_threads()
-    _uniform_fill(np.uint64(stream.key), np.int64(stream.take(out.size)), out)
+    _parallel(_uniform_fill, np.uint64(stream.key), np.int64(stream.take(out.size)), out)
     u = torch.from_numpy(out).view(like.shape)
     return u if like.device.type == "cpu" else u.to(like.device)
+
+
+_LAUNCH = threading.Lock()  # numba's workqueue layer runs one parallel loop at a time per process
+
+
+def _launch_threads() -> None:
+    """Start numba's thread pool on its own "workqueue" layer, unless the user chose a threading layer.
+
+    Its OpenMP layer binds to the libgomp torch loads, whose workers spin after each parallel loop (OpenMP's
+    default wait policy, read when torch is imported). Between the ~1200 loops of a 1B-parameter TIES merge the
+    spinning took the CPU from the Python, reader and writer threads: on 2 cores 10.0 -> 7.1 CPU-s of user time
+    and 9.1 -> 8.3 s wall with workers that sleep. The workqueue layer's workers sleep; it runs one parallel
+    loop at a time, so every launch here holds _LAUNCH (a merge from several threads waits its turn)."""
+    if numba.config.THREADING_LAYER == "default" and "NUMBA_THREADING_LAYER" not in os.environ:
+        numba.config.THREADING_LAYER = "workqueue"  # taken when the pool starts: ignored once it runs
+    numba.get_num_threads()
+
+
+def _parallel(kernel, *args):
+    """Run a parallel kernel, one at a time (see _launch_threads)."""
+    with _LAUNCH:
+        return kernel(*args)
 
 
 def _use_torch_threads() -> int:
     """Run numba's parallel loops on as many threads as torch uses (OMP_NUM_THREADS / torch.set_num_threads),
     not numba's default of one per core."""
+    _launch_threads()
     n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)
@@ -458,7 +483,7 @@ def magnitude_thresholds(models: tuple, base: np.ndarray, keeps: list[int], mode
             share = ((sample >= window[0]) & (sample <= window[-1])).mean()
             gather[i] = _GATHER_FEW if share < _FEW_SHARE else _GATHER_ALL
     cap = step // 8 + 64 if (gather != _GATHER_NONE).any() else 1
-    less, at_most, bad, fill, inside = _bracket(models, base, edges, nedges, gather, parts, cap)
+    less, at_most, bad, fill, inside = _parallel(_bracket, models, base, edges, nedges, gather, parts, cap)
     if bad.any():
         return None
     found = []
@@ -491,11 +516,11 @@ def _tie_cut(x, base, t, need: int, ties_per_part: np.ndarray, step: int) -> int
 def _radix_threshold(x, base, keep: int, rank: int, mode: str, parts: int) -> tuple[float, int] | None:
     """magnitude_threshold by exact radix selection: the top 16 bits' histogram, then the low 16 bits'."""
     n = base.size
-    top = _abs_delta_histogram(x, base, parts, 16, 0).sum(axis=0)
+    top = _parallel(_abs_delta_histogram, x, base, parts, 16, 0).sum(axis=0)
     if top[_INF_TOP:].any():
         return None
     hi_bucket, below_hi, above_hi = _locate(top, rank)
-    low_per_part = _abs_delta_histogram(x, base, parts, 0, hi_bucket)
+    low_per_part = _parallel(_abs_delta_histogram, x, base, parts, 0, hi_bucket)
     low = low_per_part.sum(axis=0)
     digit, _, above_lo = _locate(low, rank - below_hi)
     t = _bits_float((hi_bucket << 16) | digit)
@@ -667,11 +692,11 @@ def merge(base: np.ndarray, models: tuple, shape, rules, weights, consensus: str
     f32 = np.float32
     _use_torch_threads()
     random = [r.stream is not None for r in rules]
-    _merge(base, models, np.array([r.mode for r in rules], np.int8),
-           np.array([r.threshold for r in rules], f32), np.array([r.cut for r in rules], np.int64),
-           np.array([r.prob for r in rules], f32),
-           np.array([r.stream.key if x else 0 for r, x in zip(rules, random)], np.uint64),
-           np.array([r.stream.take(base.size) if x else 0 for r, x in zip(rules, random)], np.int64),
-           np.array([r.scale for r in rules], f32), w.numpy(), not bool((w == 1).all()), CONSENSUS[consensus],
-           bool(normalize), divisor, f32(lambda_), out)
+    _parallel(_merge, base, models, np.array([r.mode for r in rules], np.int8),
+              np.array([r.threshold for r in rules], f32), np.array([r.cut for r in rules], np.int64),
+              np.array([r.prob for r in rules], f32),
+              np.array([r.stream.key if x else 0 for r, x in zip(rules, random)], np.uint64),
+              np.array([r.stream.take(base.size) if x else 0 for r, x in zip(rules, random)], np.int64),
+              np.array([r.scale for r in rules], f32), w.numpy(), not bool((w == 1).all()), CONSENSUS[consensus],
+              bool(normalize), divisor, f32(lambda_), out)
     return out_t

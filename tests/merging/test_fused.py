@@ -292,3 +292,32 @@ def test_order_window_equals_sorted_slice(first, last):
     tied = (np.round(spread * 50) / 50).astype(np.float32)  # a few hundred distinct values
     for values in (spread, tied, np.zeros_like(spread)):
         assert np.array_equal(fused._order_window(values, first, last), np.sort(values)[first:last + 1])
+
+
+def test_kernels_run_on_numba_workqueue_unless_a_layer_was_chosen():
+    """The fused kernels start numba's pool on its workqueue layer (workers that sleep, not torch's spinning
+    OpenMP ones); a layer the user chose (NUMBA_THREADING_LAYER) is kept."""
+    import os
+    import subprocess
+    import sys
+    code = ("import numpy as np, numba; from reparam.merging import fused; b = np.zeros(9000, np.uint16); "
+            "fused.magnitude_thresholds((b + 1,), b, [10]); print(numba.threading_layer())")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    run = lambda e: subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True,
+                                   check=True).stdout.split()[-1]
+    assert run(env) == "workqueue"
+    assert run({**env, "NUMBA_THREADING_LAYER": "omp"}) == "omp"
+
+
+def test_merges_from_several_threads_take_turns():
+    """The workqueue layer runs one parallel loop at a time: merges started from several threads at once all
+    finish, each equal to the same merge run alone."""
+    from concurrent.futures import ThreadPoolExecutor
+    base, tensors = models((512, 300), 3, torch.bfloat16, seed=11)
+    params = ties.TiesParams()
+    per_model = [ties.DensityParams(1.0, d) for d in (0.3, 0.5, 0.7)]
+    ctx = TensorContext("k", out_dtype=torch.bfloat16)
+    alone = ties.merge_tensor(base, tensors, per_model, params, ctx)
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda _: ties.merge_tensor(base, tensors, per_model, params, ctx), range(8)))
+    assert all(torch.equal(o, alone) for o in outs)
