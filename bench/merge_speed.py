@@ -379,6 +379,8 @@ def table(res: dict) -> str:
         lines.append(f"- {r['method']}: " + "; ".join(verdicts))
     if m["mergekit"] == "missing":
         lines.append("- mergekit was not found (--mergekit PATH): reparam and the floor only.")
+    elif m["mergekit"] == "not run":
+        lines.append("- mergekit not run (--tools): reparam and the floor only.")
     lines += ["", "The last four columns are reparam/mergekit ratios. CPU s: user + system time of the process "
               "(all threads; less sensitive than wall time to other load on the machine). Peak RSS: ru_maxrss "
               "(os.wait4), includes memory-mapped input pages while mapped; peak anon: highest RssAnon polled every "
@@ -415,7 +417,8 @@ def main(argv=None) -> int:
     for name, got, valid in (("--methods", methods, METHODS), ("--tools", tools, TOOLS)):
         if not got or any(x not in valid for x in got):
             ap.error(f"{name} takes a comma list of {', '.join(valid)}; got {','.join(got)!r}")
-    mergekit = find_mergekit(args.mergekit) if "mergekit" in tools else None
+    asked_mergekit = "mergekit" in tools
+    mergekit = find_mergekit(args.mergekit) if asked_mergekit else None
     if "mergekit" in tools and mergekit is None:
         print(f"mergekit is missing ({args.mergekit or 'mergekit-yaml not on PATH nor beside python'}): "
               "reporting reparam and the floor only", file=sys.stderr)
@@ -437,7 +440,8 @@ def main(argv=None) -> int:
             "input_shards": len(input_files), "dtype": args.dtype, "threads": args.threads, "repeats": args.repeats,
             "methods": methods, "tools": tools, "configs": {m: yaml.safe_load(c.read_text()) for m, c in configs.items()},
             "commands": {t: tool_command(t, Path("CONFIG"), Path("OUT"), args.threads, mergekit) for t in tools},
-            "reparam": _reparam_version(), "mergekit": mergekit_version(mergekit) if mergekit else "missing",
+            "reparam": _reparam_version(),
+            "mergekit": mergekit_version(mergekit) if mergekit else ("missing" if asked_mergekit else "not run"),
             "torch": torch.__version__, "python": platform.python_version(), "cpu": _cpu_name(),
             "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     runs: list[dict] = []
