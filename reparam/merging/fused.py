@@ -611,7 +611,7 @@ def _merge(base, models, modes, thresholds, cuts, probs, keys, offsets, scales, 
                     v[j] = d
         # The consensus with every model's kept value of an entry in a register (nm is part of the kernel's
         # type, so the `nm > k` tests fold away), one loop per consensus kind (testing it inside the loop cost
-        # a third of the kernel's time): 1.2x the speed of a loop per model over arrays of sums. Sums run in
+        # a third of the kernel's time): 1.15-1.2x the speed of a loop per model over arrays of sums. Sums run in
         # model order, as the torch path adds them.
         r0, r1, r2, r3 = vals[0], vals[min(1, nm - 1)], vals[min(2, nm - 1)], vals[min(3, nm - 1)]
         if consensus == 0:
