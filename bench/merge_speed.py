@@ -419,7 +419,7 @@ def main(argv=None) -> int:
             ap.error(f"{name} takes a comma list of {', '.join(valid)}; got {','.join(got)!r}")
     asked_mergekit = "mergekit" in tools
     mergekit = find_mergekit(args.mergekit) if asked_mergekit else None
-    if "mergekit" in tools and mergekit is None:
+    if asked_mergekit and mergekit is None:
         print(f"mergekit is missing ({args.mergekit or 'mergekit-yaml not on PATH nor beside python'}): "
               "reporting reparam and the floor only", file=sys.stderr)
         tools.remove("mergekit")

@@ -172,7 +172,6 @@ def uniform(stream: Stream, like: torch.Tensor) -> torch.Tensor:
     """The stream's next like.numel() float32 uniforms in [0, 1), shaped and placed like `like` (row-major),
     so row chunks drawn one after the other equal the whole tensor's draw."""
     out = np.empty(like.numel(), dtype=np.float32)
-    _use_torch_threads()
     _parallel(_uniform_fill, np.uint64(stream.key), np.int64(stream.take(out.size)), out)
     u = torch.from_numpy(out).view(like.shape)
     return u if like.device.type == "cpu" else u.to(like.device)
@@ -181,29 +180,30 @@ def uniform(stream: Stream, like: torch.Tensor) -> torch.Tensor:
 _LAUNCH = threading.Lock()  # numba's workqueue layer runs one parallel loop at a time per process
 
 
-def _launch_threads() -> None:
-    """Start numba's thread pool on its own "workqueue" layer, unless the user chose a threading layer.
+def _prefer_workqueue() -> None:
+    """Have numba's thread pool start on its own "workqueue" layer, unless the user chose a threading layer.
 
     Its OpenMP layer binds to the libgomp torch loads, whose workers spin after each parallel loop (OpenMP's
     default wait policy, read when torch is imported). Between the ~1200 loops of a 1B-parameter TIES merge the
     spinning took the CPU from the Python, reader and writer threads: on 2 cores 10.0 -> 7.1 CPU-s of user time
     and 9.1 -> 8.3 s wall with workers that sleep. The workqueue layer's workers sleep; it runs one parallel
-    loop at a time, so every launch here holds _LAUNCH (a merge from several threads waits its turn)."""
+    loop at a time, so every launch goes through _parallel, which holds _LAUNCH (a merge from several threads
+    waits its turn)."""
     if numba.config.THREADING_LAYER == "default" and "NUMBA_THREADING_LAYER" not in os.environ:
-        numba.config.THREADING_LAYER = "workqueue"  # taken when the pool starts: ignored once it runs
-    numba.get_num_threads()
+        numba.config.THREADING_LAYER = "workqueue"  # read when the pool starts: ignored once it runs
 
 
 def _parallel(kernel, *args):
-    """Run a parallel kernel, one at a time (see _launch_threads)."""
+    """Run a parallel kernel on torch's thread count, one at a time (see _prefer_workqueue)."""
     with _LAUNCH:
+        _use_torch_threads()
         return kernel(*args)
 
 
 def _use_torch_threads() -> int:
     """Run numba's parallel loops on as many threads as torch uses (OMP_NUM_THREADS / torch.set_num_threads),
     not numba's default of one per core."""
-    _launch_threads()
+    _prefer_workqueue()  # before numba.get_num_threads() below starts the pool
     n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)
@@ -690,7 +690,6 @@ def merge(base: np.ndarray, models: tuple, shape, rules, weights, consensus: str
     out_t = torch.from_numpy(out)
     out_t = (out_t.view(torch.bfloat16) if out_dtype == torch.bfloat16 else out_t).view(shape)
     f32 = np.float32
-    _use_torch_threads()
     random = [r.stream is not None for r in rules]
     _parallel(_merge, base, models, np.array([r.mode for r in rules], np.int8),
               np.array([r.threshold for r in rules], f32), np.array([r.cut for r in rules], np.int64),

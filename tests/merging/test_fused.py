@@ -1,4 +1,9 @@
 """The fused numba kernels against the torch path of the same methods, bit for bit."""
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -297,9 +302,6 @@ def test_order_window_equals_sorted_slice(first, last):
 def test_kernels_run_on_numba_workqueue_unless_a_layer_was_chosen():
     """The fused kernels start numba's pool on its workqueue layer (workers that sleep, not torch's spinning
     OpenMP ones); a layer the user chose (NUMBA_THREADING_LAYER) is kept."""
-    import os
-    import subprocess
-    import sys
     code = ("import numpy as np, numba; from reparam.merging import fused; b = np.zeros(9000, np.uint16); "
             "fused.magnitude_thresholds((b + 1,), b, [10]); print(numba.threading_layer())")
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
@@ -312,7 +314,6 @@ def test_kernels_run_on_numba_workqueue_unless_a_layer_was_chosen():
 def test_merges_from_several_threads_take_turns():
     """The workqueue layer runs one parallel loop at a time: merges started from several threads at once all
     finish, each equal to the same merge run alone."""
-    from concurrent.futures import ThreadPoolExecutor
     base, tensors = models((512, 300), 3, torch.bfloat16, seed=11)
     params = ties.TiesParams()
     per_model = [ties.DensityParams(1.0, d) for d in (0.3, 0.5, 0.7)]
