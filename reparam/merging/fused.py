@@ -27,13 +27,15 @@ is a hash of (seed, model index, tensor name).
 from __future__ import annotations
 
 import os
+import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numba
 import numpy as np
 import torch
-from numba import njit, prange, types
+from numba import njit, types
 from llvmlite import ir
 from numba.extending import intrinsic, overload
 
@@ -147,10 +149,11 @@ def _draws(key, start, m, u):
         u[j] = _uniform_at(key, start + j)
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def _uniform_fill(key, offset, out):
+@njit(cache=True, nogil=True)
+def _uniform_fill(key, offset, out, c_lo, c_hi):
+    """Chunks c_lo .. c_hi-1 of out: the stream's draws offset + their entries."""
     n = out.size
-    for c in prange((n + _CHUNK - 1) // _CHUNK):
+    for c in range(c_lo, c_hi):
         lo = c * _CHUNK
         _draws(key, offset + lo, min(_CHUNK, n - lo), out[lo:])
 
@@ -172,59 +175,109 @@ def uniform(stream: Stream, like: torch.Tensor) -> torch.Tensor:
     """The stream's next like.numel() float32 uniforms in [0, 1), shaped and placed like `like` (row-major),
     so row chunks drawn one after the other equal the whole tensor's draw."""
     out = np.empty(like.numel(), dtype=np.float32)
-    _parallel(_uniform_fill, np.uint64(stream.key), np.int64(stream.take(out.size)), out)
+    _spread(_uniform_fill, _chunks(out.size), np.uint64(stream.key), np.int64(stream.take(out.size)), out)
     u = torch.from_numpy(out).view(like.shape)
     return u if like.device.type == "cpu" else u.to(like.device)
 
 
-_LAUNCH = threading.Lock()  # numba's workqueue layer runs one parallel loop at a time per process
+def _skip_blas_probe() -> None:
+    """Load numba's numpy support without its BLAS probe, which imports scipy.linalg when scipy is installed.
+
+    numba imports numba.np.arraymath before its first compile or cache load, and that module tries
+    numba.np.linalg.ensure_blas() once, to choose how np.correlate / np.convolve take inner products. With scipy
+    installed the try imports scipy.linalg: 0.25-0.4 s of a `reparam merge` process (a twentieth of a 1B TIES
+    merge on 2 cores) for kernels that call no BLAS. Here the probe fails fast instead, so np.correlate and
+    np.convolve in numba code use their plain loop; every other BLAS / LAPACK user (np.dot, np.linalg.*) calls
+    ensure_blas itself when compiled and still gets scipy's. Skipped when scipy.linalg is already loaded (then
+    the probe is free) or numba's numpy support already is."""
+    if "numba.np.arraymath" in sys.modules or "scipy.linalg" in sys.modules:
+        return
+    from numba.np import linalg
+
+    probe = linalg.ensure_blas
+
+    def unavailable():
+        raise ImportError("BLAS probe skipped by reparam.merging.fused")
+
+    linalg.ensure_blas = unavailable
+    try:
+        from numba.np import arraymath
+    finally:
+        linalg.ensure_blas = probe
+    arraymath.ensure_blas = probe  # the name it imported: the real one again for anything that calls it later
 
 
-def _prefer_workqueue() -> None:
-    """Have numba's thread pool start on its own "workqueue" layer, unless the user chose a threading layer.
-
-    Its OpenMP layer binds to the libgomp torch loads, whose workers spin after each parallel loop (OpenMP's
-    default wait policy, read when torch is imported). Between the ~1200 loops of a 1B-parameter TIES merge the
-    spinning took the CPU from the Python, reader and writer threads: on 2 cores 10.0 -> 7.1 CPU-s of user time
-    and 9.1 -> 8.3 s wall with workers that sleep. The workqueue layer's workers sleep; it runs one parallel
-    loop at a time, so every launch goes through _parallel, which holds _LAUNCH (a merge from several threads
-    waits its turn)."""
-    if numba.config.THREADING_LAYER == "default" and "NUMBA_THREADING_LAYER" not in os.environ:
-        numba.config.THREADING_LAYER = "workqueue"  # read when the pool starts: ignored once it runs
+_SET_UP = False
+_LOCK = threading.Lock()
+_POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
 
 
-def _parallel(kernel, *args):
-    """Run a parallel kernel on torch's thread count, one at a time (see _prefer_workqueue)."""
-    with _LAUNCH:
-        _use_torch_threads()
-        return kernel(*args)
+def _threads() -> int:
+    """Threads the kernels use: as many as torch does (OMP_NUM_THREADS / torch.set_num_threads)."""
+    global _SET_UP
+    if not _SET_UP:
+        with _LOCK:
+            if not _SET_UP:
+                _skip_blas_probe()  # before the first kernel loads
+                _SET_UP = True
+    return max(1, torch.get_num_threads())
 
 
-def _use_torch_threads() -> int:
-    """Run numba's parallel loops on as many threads as torch uses (OMP_NUM_THREADS / torch.set_num_threads),
-    not numba's default of one per core."""
-    _prefer_workqueue()  # before numba.get_num_threads() below starts the pool
-    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != n:
-        numba.set_num_threads(n)
-    return n
+def _pool(size: int) -> ThreadPoolExecutor:
+    global _POOL, _POOL_SIZE
+    with _LOCK:
+        if _POOL is None or _POOL_SIZE < size:
+            if _POOL is not None:
+                _POOL.shutdown(wait=False)  # its queued spans still run
+            _POOL, _POOL_SIZE = ThreadPoolExecutor(size, thread_name_prefix="reparam-merge-kernel"), size
+        return _POOL
+
+
+def _spread(kernel, count: int, *args) -> None:
+    """kernel(*args, lo, hi) over [0, count) in contiguous spans, one per thread: the calling thread runs the
+    last, pool threads the others, all at once (the kernels run without the GIL).
+
+    Why not numba's own parallel loops: its workqueue layer wakes one worker per span and sleeps the caller,
+    and woken workers often landed on one core (a bracket sweep took 6-12 ms instead of 6); its OpenMP layer
+    runs on the libgomp that torch loads, whose workers spin ~ms after every loop (OpenMP's default wait
+    policy), which took the CPU from the reader and writer threads: 10.0 against 7.1 CPU-s on a 1B TIES
+    merge. Here the caller works too and the pool's threads sleep in a queue; merges from several threads
+    share the pool."""
+    spans = min(_threads(), count)
+    if spans <= 1:
+        if count > 0:
+            kernel(*args, 0, count)
+        return
+    bounds = [count * i // spans for i in range(spans + 1)]
+    pool = _pool(spans - 1)
+    pending = [pool.submit(kernel, *args, bounds[i], bounds[i + 1]) for i in range(spans - 1)]
+    try:
+        kernel(*args, bounds[-2], bounds[-1])
+    finally:
+        wait(pending)  # every span ends before the outputs are read or an error leaves
+    for f in pending:
+        f.result()  # a span's error
+
+
+def _chunks(n: int) -> int:
+    return (n + _CHUNK - 1) // _CHUNK
 
 
 def _parts(n):
     # 16 per thread: a tie scan (_index_of_equal) runs through one part on one thread
-    return max(1, min(16 * _use_torch_threads(), (n + _CHUNK - 1) // _CHUNK))
+    return max(1, min(16 * _threads(), _chunks(n)))
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def _abs_delta_histogram(x, base, nparts, shift, prefix):
-    """Per part (a contiguous range of entries), a histogram of 16 bits of |x - base|'s float32 pattern: the
-    top 16 bits (shift 16), or the low 16 bits of the entries whose top 16 bits equal `prefix` (shift 0)."""
+@njit(cache=True, nogil=True)
+def _abs_delta_histogram(x, base, step, shift, prefix, hist, p_lo, p_hi):
+    """hist[p] for parts p_lo .. p_hi-1 (entries p*step .. (p+1)*step-1): a histogram of 16 bits of
+    |x - base|'s float32 pattern, the top 16 bits (shift 16), or the low 16 bits of the entries whose top 16
+    bits equal `prefix` (shift 0)."""
     n = base.size
-    hist = np.zeros((nparts, 65536), np.int64)
-    step = (n + nparts - 1) // nparts
-    for p in prange(nparts):
-        xb = np.empty(_CHUNK, np.float32)
-        bb = np.empty(_CHUNK, np.float32)
+    xb = np.empty(_CHUNK, np.float32)
+    bb = np.empty(_CHUNK, np.float32)
+    for p in range(p_lo, p_hi):
         h = hist[p]
         for c in range(p * step, min(n, (p + 1) * step), _CHUNK):
             m = min(_CHUNK, n - c, (p + 1) * step - c)
@@ -237,7 +290,6 @@ def _abs_delta_histogram(x, base, nparts, shift, prefix):
                 for j in range(m):
                     if (bits[j] >> np.uint32(16)) == prefix:
                         h[bits[j] & np.uint32(0xFFFF)] += 1
-    return hist
 
 
 @njit(cache=True, nogil=True)
@@ -313,38 +365,43 @@ def _order_window(values, first, last):
 _GATHER_NONE, _GATHER_FEW, _GATHER_ALL = 0, 1, 2  # how _bracket collects the entries between two edges
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def _bracket(models, base, edges, nedges, gather, nparts, cap):
-    """One sweep of every |x_i - base| against its sorted edges[i, :nedges[i]] (the base read once for all):
-    per model, part and edge e, how many entries are < edges[i, e] and how many <= it, and how many are not
-    finite; unless gather[i] is _GATHER_NONE, also the values in [edges[i, 0], edges[i, 1]] (in index order,
-    up to `cap`; `fill` counts them all)."""
+@njit(inline="always")
+def _tally(a, edge, inf, nbad, lt, le):
+    """The counters after one more |delta| a: not finite, < edge, <= edge."""
+    return _add32(nbad, not (a < inf)), _add32(lt, a < edge), _add32(le, a <= edge)
+
+
+@njit(cache=True, nogil=True)
+def _bracket(models, base, edges, nedges, gather, step, less, at_most, bad, fill, inside, p_lo, p_hi):
+    """One sweep of parts p_lo .. p_hi-1 (entries p*step .. (p+1)*step-1) of every |x_i - base| against its
+    sorted edges[i, :nedges[i]] (the base read once for all): per model, part and edge e, how many entries are
+    < edges[i, e] (less) and how many <= it (at_most), and how many are not finite (bad); unless gather[i] is
+    _GATHER_NONE, also the values in [edges[i, 0], edges[i, 1]] (inside, in index order, up to its size; fill
+    counts them all). The counts add to the zeros they start from."""
     n = base.size
     nm = len(models)
-    step = (n + nparts - 1) // nparts
-    less = np.zeros((nm, nparts, edges.shape[1]), np.int64)
-    at_most = np.zeros((nm, nparts, edges.shape[1]), np.int64)
-    bad = np.zeros((nm, nparts), np.int64)
-    fill = np.zeros((nm, nparts), np.int64)
-    inside = np.empty((nm, nparts, cap), np.float32)
     inf = np.float32(np.inf)
-    for p in prange(nparts):
-        xb = np.empty(_CHUNK, np.float32)
-        bb = np.empty(_CHUNK, np.float32)
+    xb = np.empty(_CHUNK, np.float32)
+    bb = np.empty(_CHUNK, np.float32)
+    for p in range(p_lo, p_hi):
         for c in range(p * step, min(n, (p + 1) * step), _CHUNK):
             m = min(_CHUNK, n - c, (p + 1) * step - c)
             _load(base, c, m, bb)
             for i in range(nm):
                 # the delta, the non-finite count and the first edge's counts in one loop (most brackets have
-                # one edge); 32-bit counters per chunk (_add32)
+                # one edge); 32-bit counters per chunk (_add32). The deltas are kept in xb only when another
+                # edge or the gather reads them: storing them took 2/5 of the sweep.
                 x, edge = models[i][c:c + m], edges[i, 0]
                 nbad, lt, le = np.int32(0), np.int32(0), np.int32(0)
-                for j in range(m):
-                    a = abs(_value(x, j) - bb[j])
-                    xb[j] = a
-                    nbad = _add32(nbad, not (a < inf))
-                    lt = _add32(lt, a < edge)
-                    le = _add32(le, a <= edge)
+                if nedges[i] == 1 and gather[i] == _GATHER_NONE:
+                    for j in range(m):
+                        a = abs(_value(x, j) - bb[j])
+                        nbad, lt, le = _tally(a, edge, inf, nbad, lt, le)
+                else:
+                    for j in range(m):
+                        a = abs(_value(x, j) - bb[j])
+                        xb[j] = a
+                        nbad, lt, le = _tally(a, edge, inf, nbad, lt, le)
                 bad[i, p] += nbad
                 less[i, p, 0] += lt
                 at_most[i, p, 0] += le
@@ -371,7 +428,6 @@ def _bracket(models, base, edges, nedges, gather, nparts, cap):
                         if hits:
                             k = _compact(xb, g, g_end, low, high, inside[i, p], k)
                     fill[i, p] = k
-    return less, at_most, bad, fill, inside
 
 
 @njit(inline="always")
@@ -483,7 +539,11 @@ def magnitude_thresholds(models: tuple, base: np.ndarray, keeps: list[int], mode
             share = ((sample >= window[0]) & (sample <= window[-1])).mean()
             gather[i] = _GATHER_FEW if share < _FEW_SHARE else _GATHER_ALL
     cap = step // 8 + 64 if (gather != _GATHER_NONE).any() else 1
-    less, at_most, bad, fill, inside = _parallel(_bracket, models, base, edges, nedges, gather, parts, cap)
+    nm, width = len(models), edges.shape[1]
+    less, at_most = np.zeros((nm, parts, width), np.int64), np.zeros((nm, parts, width), np.int64)
+    bad, fill = np.zeros((nm, parts), np.int64), np.zeros((nm, parts), np.int64)
+    inside = np.empty((nm, parts, cap), np.float32)
+    _spread(_bracket, parts, models, base, edges, nedges, gather, step, less, at_most, bad, fill, inside)
     if bad.any():
         return None
     found = []
@@ -516,18 +576,25 @@ def _tie_cut(x, base, t, need: int, ties_per_part: np.ndarray, step: int) -> int
 def _radix_threshold(x, base, keep: int, rank: int, mode: str, parts: int) -> tuple[float, int] | None:
     """magnitude_threshold by exact radix selection: the top 16 bits' histogram, then the low 16 bits'."""
     n = base.size
-    top = _parallel(_abs_delta_histogram, x, base, parts, 16, 0).sum(axis=0)
+    step = (n + parts - 1) // parts
+
+    def histogram(shift, prefix):
+        hist = np.zeros((parts, 65536), np.int64)
+        _spread(_abs_delta_histogram, parts, x, base, step, shift, prefix, hist)
+        return hist
+
+    top = histogram(16, 0).sum(axis=0)
     if top[_INF_TOP:].any():
         return None
     hi_bucket, below_hi, above_hi = _locate(top, rank)
-    low_per_part = _parallel(_abs_delta_histogram, x, base, parts, 0, hi_bucket)
+    low_per_part = histogram(0, hi_bucket)
     low = low_per_part.sum(axis=0)
     digit, _, above_lo = _locate(low, rank - below_hi)
     t = _bits_float((hi_bucket << 16) | digit)
     if mode != "exact":
         return float(t), n
     need = keep - above_hi - above_lo  # ties at t that may be kept (>= 1)
-    return float(t), _tie_cut(x, base, t, need, low_per_part[:, digit], (n + parts - 1) // parts)
+    return float(t), _tie_cut(x, base, t, need, low_per_part[:, digit], step)
 
 
 @njit(inline="always")
@@ -569,21 +636,22 @@ def _disjoint_mean(d0, d1, d2, d3, nm, total, weights, normalize):
     return mix / (divisor if divisor != 0 else one) if normalize else mix
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _merge(base, models, modes, thresholds, cuts, probs, keys, offsets, scales, weights, weighted, consensus,
-           normalize, fixed_divisor, lam, out):
+           normalize, fixed_divisor, lam, out, c_lo, c_hi):
+    """Chunks c_lo .. c_hi-1 of the merged tensor into out."""
     # Every inner loop is over j (the chunk's entries) and free of branches on the data, so LLVM vectorises
     # it; a kept entry is d * 1.0, a dropped one d * 0.0, the products torch's masked multiply forms.
     n = base.size
     nm = len(models)
     one, zero = np.float32(1.0), np.float32(0.0)
-    for c in prange((n + _CHUNK - 1) // _CHUNK):
+    bb = np.empty(_CHUNK, np.float32)
+    vals = np.empty((nm, _CHUNK), np.float32)
+    mixed = np.empty(_CHUNK, np.float32)
+    u = np.empty(_CHUNK, np.float32)
+    for c in range(c_lo, c_hi):
         lo = c * _CHUNK
         m = min(_CHUNK, n - lo)
-        bb = np.empty(_CHUNK, np.float32)
-        vals = np.empty((nm, _CHUNK), np.float32)
-        mixed = np.empty(_CHUNK, np.float32)
-        u = np.empty(_CHUNK, np.float32)
         _load(base, lo, m, bb)
         for i in range(nm):
             x, v = models[i][lo:lo + m], vals[i]
@@ -691,11 +759,11 @@ def merge(base: np.ndarray, models: tuple, shape, rules, weights, consensus: str
     out_t = (out_t.view(torch.bfloat16) if out_dtype == torch.bfloat16 else out_t).view(shape)
     f32 = np.float32
     random = [r.stream is not None for r in rules]
-    _parallel(_merge, base, models, np.array([r.mode for r in rules], np.int8),
-              np.array([r.threshold for r in rules], f32), np.array([r.cut for r in rules], np.int64),
-              np.array([r.prob for r in rules], f32),
-              np.array([r.stream.key if x else 0 for r, x in zip(rules, random)], np.uint64),
-              np.array([r.stream.take(base.size) if x else 0 for r, x in zip(rules, random)], np.int64),
-              np.array([r.scale for r in rules], f32), w.numpy(), not bool((w == 1).all()), CONSENSUS[consensus],
-              bool(normalize), divisor, f32(lambda_), out)
+    _spread(_merge, _chunks(base.size), base, models, np.array([r.mode for r in rules], np.int8),
+                np.array([r.threshold for r in rules], f32), np.array([r.cut for r in rules], np.int64),
+                np.array([r.prob for r in rules], f32),
+                np.array([r.stream.key if x else 0 for r, x in zip(rules, random)], np.uint64),
+                np.array([r.stream.take(base.size) if x else 0 for r, x in zip(rules, random)], np.int64),
+                np.array([r.scale for r in rules], f32), w.numpy(), not bool((w == 1).all()), CONSENSUS[consensus],
+                bool(normalize), divisor, f32(lambda_), out)
     return out_t

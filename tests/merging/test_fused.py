@@ -1,7 +1,8 @@
 """The fused numba kernels against the torch path of the same methods, bit for bit."""
-import os
 import subprocess
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -12,6 +13,16 @@ from reparam.merging import fused
 from reparam.merging.methods import dare, task_arithmetic, ties
 from reparam.merging.methods.base import TensorContext
 from reparam.merging.sparsify import generator_for, largest_mask, uniform
+
+
+@pytest.fixture(autouse=True)
+def three_threads():
+    """Every test here runs the kernels on 3 threads (CI runs with one per worker): the caller's span and two of
+    the pool's, so the split work is what the comparisons check."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(before)
 
 
 def torch_path(monkeypatch, fn, *args):
@@ -250,15 +261,15 @@ def test_each_selection_path_gives_kthvalue(monkeypatch, dtype, few_share, expec
     """The three ways the one-sweep selection resolves a rank, each exact (threshold = kthvalue, exactly `keep`
     entries kept, ties by lower index), for several ranks, without the radix fallback."""
     base, tensors = models((700, 1100), 3, dtype, seed=2)
-    modes = []
+    modes = []  # per span of the sweep
     real = fused._bracket
     monkeypatch.setattr(fused, "_FEW_SHARE", few_share)
-    monkeypatch.setattr(fused, "_bracket", lambda *a: modes.extend(a[4].tolist()) or real(*a))
+    monkeypatch.setattr(fused, "_bracket", lambda *a: modes.append(a[4].tolist()) or real(*a))
     monkeypatch.setattr(fused, "_radix_threshold", lambda *a: pytest.fail("took the radix fallback"))
     n = base.numel()
     keeps = [n // 3, n // 2, n - n // 3]
     found = fused.magnitude_thresholds(fused.inputs(base, tensors)[1], fused.as_array(base), keeps)
-    assert modes == [expect] * 3
+    assert len(modes) == 3 and all(m == [expect] * 3 for m in modes)
     for x, keep, (t, cut) in zip(tensors, keeps, found):
         a = (x.float() - base.float()).abs().flatten()
         assert t == float(a.kthvalue(n - keep + 1).values)
@@ -299,21 +310,60 @@ def test_order_window_equals_sorted_slice(first, last):
         assert np.array_equal(fused._order_window(values, first, last), np.sort(values)[first:last + 1])
 
 
-def test_kernels_run_on_numba_workqueue_unless_a_layer_was_chosen():
-    """The fused kernels start numba's pool on its workqueue layer (workers that sleep, not torch's spinning
-    OpenMP ones); a layer the user chose (NUMBA_THREADING_LAYER) is kept."""
-    code = ("import numpy as np, numba; from reparam.merging import fused; b = np.zeros(9000, np.uint16); "
-            "fused.magnitude_thresholds((b + 1,), b, [10]); print(numba.threading_layer())")
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
-    run = lambda e: subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True,
-                                   check=True).stdout.split()[-1]
-    assert run(env) == "workqueue"
-    assert run({**env, "NUMBA_THREADING_LAYER": "omp"}) == "omp"
+def test_spread_splits_the_work_over_torch_threads_and_reraises():
+    """_spread runs kernel(*args, lo, hi) over contiguous spans, one per torch thread, the last on the calling
+    thread; a span's error is raised after every span has finished."""
+    main, seen = threading.current_thread(), []
+    fused._spread(lambda tag, lo, hi: seen.append((tag, lo, hi, threading.current_thread() is main)), 10, "k")
+    assert sorted(seen) == [("k", 0, 3, False), ("k", 3, 6, False), ("k", 6, 10, True)]
+    seen.clear()
+    fused._spread(lambda lo, hi: seen.append((lo, hi)), 2)  # fewer items than threads: a span each
+    assert sorted(seen) == [(0, 1), (1, 2)]
+    torch.set_num_threads(1)
+    fused._spread(lambda lo, hi: seen.append((lo, hi, threading.current_thread() is main)), 5)
+    assert seen[-1] == (0, 5, True)
+    torch.set_num_threads(3)
+    done = []
+
+    def kernel(lo, hi):
+        if lo == 0:
+            raise ValueError("span 0 failed")
+        if lo == 1:  # a pool thread's span still running when span 0 fails
+            time.sleep(0.1)
+        done.append(lo)
+    with pytest.raises(ValueError, match="span 0 failed"):
+        fused._spread(kernel, 3)
+    assert sorted(done) == [1, 2]
 
 
-def test_merges_from_several_threads_take_turns():
-    """The workqueue layer runs one parallel loop at a time: merges started from several threads at once all
-    finish, each equal to the same merge run alone."""
+def test_kernels_never_start_numbas_thread_pool():
+    """The kernels split their work in Python threads (see _spread), so numba's threading layer (the workqueue
+    one parks woken workers on one core; the OpenMP one spins torch's libgomp workers) is never started."""
+    code = ("import numpy as np, numba, torch; torch.set_num_threads(2); from reparam.merging import fused; "
+            "b = np.zeros(90000, np.uint16); fused.magnitude_thresholds((b + 1,), b, [10]); "
+            "fused.merge(b, (b + 1,), (90000,), [fused.KeepRule()], [1.0], None, False, 1.0, None)\n"
+            "try:\n    print(numba.threading_layer())\nexcept ValueError:\n    print('none')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split()[-1] == "none"
+
+
+def test_kernels_load_without_importing_scipy_and_blas_still_works():
+    """numba's BLAS probe (an import of scipy.linalg, 0.25-0.4 s) is skipped when the kernels load; numba code that
+    needs BLAS (np.dot) still compiles and gets it, and np.correlate still computes (with its plain loop)."""
+    pytest.importorskip("scipy")
+    code = ("import sys, numpy as np, numba; from reparam.merging import fused; b = np.zeros(9000, np.uint16); "
+            "fused.magnitude_thresholds((b + 1,), b, [10]); print('scipy.linalg' in sys.modules); "
+            "a = np.arange(6.0).reshape(2, 3); print(numba.njit(lambda x: np.dot(x, x.T))(a).tolist()); "
+            "print(numba.njit(lambda x, y: np.correlate(x, y))(np.arange(4.0), np.ones(2)).tolist())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[-3] == "False"
+    assert out[-2] == str((np.arange(6.0).reshape(2, 3) @ np.arange(6.0).reshape(2, 3).T).tolist())
+    assert out[-1] == str(np.correlate(np.arange(4.0), np.ones(2)).tolist())
+
+
+def test_merges_from_several_threads_at_once():
+    """Merges started from several threads at once (their spans share one pool) all finish, each equal to the
+    same merge run alone."""
     base, tensors = models((512, 300), 3, torch.bfloat16, seed=11)
     params = ties.TiesParams()
     per_model = [ties.DensityParams(1.0, d) for d in (0.3, 0.5, 0.7)]

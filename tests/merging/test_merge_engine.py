@@ -1,3 +1,4 @@
+import gc
 import json
 from pathlib import Path
 
@@ -110,6 +111,31 @@ def test_dare_seed_reproducible(tmp_path, models_on_disk):
     c = load_folder(merge_models({**cfg, "seed": 6}, tmp_path / "c", progress=False))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+
+
+def test_merge_runs_with_older_objects_frozen(tmp_path, models_on_disk, monkeypatch):
+    """Objects older than a merge sit out its garbage collections (gc.freeze) and are given back afterwards, also
+    when the merge fails; a process that froze objects itself keeps its own freeze."""
+    from reparam.merging import engine
+    base, models, bpath, paths = models_on_disk
+    cfg = _config("ties", bpath, paths, {}, {"density": 0.5})
+    frozen_during = []
+    real = engine._merge_models
+    monkeypatch.setattr(engine, "_merge_models", lambda *a, **k: frozen_during.append(gc.get_freeze_count()) or
+                        real(*a, **k))
+    assert gc.get_freeze_count() == 0
+    merge_models(cfg, tmp_path / "a", progress=False)
+    assert frozen_during[-1] > 0 and gc.get_freeze_count() == 0
+    with pytest.raises(MergeConfigError):
+        merge_models({**cfg, "merge_method": "nope"}, tmp_path / "b", progress=False)
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # the caller's own freeze
+    try:
+        mine = gc.get_freeze_count()
+        merge_models(cfg, tmp_path / "c", progress=False)
+        assert frozen_during[-1] == mine and gc.get_freeze_count() == mine
+    finally:
+        gc.unfreeze()
 
 
 def _bad_model(tmp_path, base, **changes):
