@@ -310,28 +310,37 @@ def test_order_window_equals_sorted_slice(first, last):
         assert np.array_equal(fused._order_window(values, first, last), np.sort(values)[first:last + 1])
 
 
-def test_spread_splits_the_work_over_torch_threads_and_reraises():
-    """_spread runs kernel(*args, lo, hi) over contiguous spans, one per torch thread, the last on the calling
-    thread; a span's error is raised after every span has finished."""
-    main, seen = threading.current_thread(), []
-    fused._spread(lambda tag, lo, hi: seen.append((tag, lo, hi, threading.current_thread() is main)), 10, "k")
-    assert sorted(seen) == [("k", 0, 3, False), ("k", 3, 6, False), ("k", 6, 10, True)]
+def test_spread_covers_the_range_once_on_torch_threads_and_reraises():
+    """_spread runs kernel(*args, lo, hi) over contiguous pieces that cover [0, count) once, on the calling
+    thread and pool threads (as many as torch uses, each taking the next piece); a piece's error is raised
+    after every piece has finished."""
+    caller, seen = threading.current_thread(), []
+    first_three = threading.Barrier(3, timeout=30)
+
+    def kernel(tag, lo, hi):
+        if lo < 3:  # each thread waits inside its first piece, so the first three pieces are on three threads
+            first_three.wait()
+        seen.append((tag, lo, hi, threading.current_thread()))
+    fused._spread(kernel, 10, "k")
+    assert sorted(x[:3] for x in seen) == [("k", i, i + 1) for i in range(10)]
+    threads = {x[3] for x in seen}
+    assert caller in threads and len(threads) == 3
     seen.clear()
-    fused._spread(lambda lo, hi: seen.append((lo, hi)), 2)  # fewer items than threads: a span each
-    assert sorted(seen) == [(0, 1), (1, 2)]
+    fused._spread(lambda lo, hi: seen.append((lo, hi)), 1000)  # 8 pieces a thread
+    assert sorted(seen) == [(1000 * i // 24, 1000 * (i + 1) // 24) for i in range(24)]
     torch.set_num_threads(1)
-    fused._spread(lambda lo, hi: seen.append((lo, hi, threading.current_thread() is main)), 5)
-    assert seen[-1] == (0, 5, True)
+    seen.clear()
+    fused._spread(lambda lo, hi: seen.append((lo, hi, threading.current_thread())), 5)
+    assert seen == [(0, 5, caller)]
     torch.set_num_threads(3)
     done = []
 
     def kernel(lo, hi):
         if lo == 0:
-            raise ValueError("span 0 failed")
-        if lo == 1:  # a pool thread's span still running when span 0 fails
-            time.sleep(0.1)
+            raise ValueError("piece 0 failed")
+        time.sleep(0.05)
         done.append(lo)
-    with pytest.raises(ValueError, match="span 0 failed"):
+    with pytest.raises(ValueError, match="piece 0 failed"):
         fused._spread(kernel, 3)
     assert sorted(done) == [1, 2]
 
