@@ -27,13 +27,11 @@ is a hash of (seed, model index, tensor name).
 from __future__ import annotations
 
 import itertools
-import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 import torch
 from numba import njit, types
@@ -230,7 +228,7 @@ def _pool(size: int) -> ThreadPoolExecutor:
     with _LOCK:
         if _POOL is None or _POOL_SIZE < size:
             if _POOL is not None:
-                _POOL.shutdown(wait=False)  # its queued spans still run
+                _POOL.shutdown(wait=False)  # what it has queued still runs
             _POOL, _POOL_SIZE = ThreadPoolExecutor(size, thread_name_prefix="reparam-merge-kernel"), size
         return _POOL
 
