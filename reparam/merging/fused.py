@@ -27,6 +27,7 @@ is a hash of (seed, model index, tensor name).
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -210,6 +211,7 @@ _SET_UP = False
 _LOCK = threading.Lock()
 _POOL: ThreadPoolExecutor | None = None
 _POOL_SIZE = 0
+_POOL_PID = 0  # a forked child has the pool object but not its threads: it starts its own
 
 
 def _threads() -> int:
@@ -224,12 +226,13 @@ def _threads() -> int:
 
 
 def _pool(size: int) -> ThreadPoolExecutor:
-    global _POOL, _POOL_SIZE
+    global _POOL, _POOL_SIZE, _POOL_PID
     with _LOCK:
-        if _POOL is None or _POOL_SIZE < size:
-            if _POOL is not None:
+        if _POOL is None or _POOL_SIZE < size or _POOL_PID != os.getpid():
+            if _POOL is not None and _POOL_PID == os.getpid():
                 _POOL.shutdown(wait=False)  # what it has queued still runs
-            _POOL, _POOL_SIZE = ThreadPoolExecutor(size, thread_name_prefix="reparam-merge-kernel"), size
+            _POOL = ThreadPoolExecutor(size, thread_name_prefix="reparam-merge-kernel")
+            _POOL_SIZE, _POOL_PID = size, os.getpid()
         return _POOL
 
 

@@ -1,4 +1,7 @@
 """The fused numba kernels against the torch path of the same methods, bit for bit."""
+import os
+import select
+import signal
 import subprocess
 import sys
 import threading
@@ -368,6 +371,33 @@ def test_kernels_load_without_importing_scipy_and_blas_still_works():
     assert out[-3] == "False"
     assert out[-2] == str((np.arange(6.0).reshape(2, 3) @ np.arange(6.0).reshape(2, 3).T).tolist())
     assert out[-1] == str(np.correlate(np.arange(4.0), np.ones(2)).tolist())
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_spread_in_a_forked_child_starts_its_own_pool():
+    """A child forked after the kernels ran has the pool object but none of its threads: its work starts a pool
+    of its own instead of waiting forever. (Only _spread here: torch's own OpenMP pool can hang a child forked
+    after it ran.)"""
+    all_three = threading.Barrier(3, timeout=30)
+    fused._spread(lambda lo, hi: all_three.wait(), 3)  # both pool threads ran a piece, and now idle:
+    time.sleep(0.2)  # each has said so (the executor would hand the child's work to those dead threads)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: spread some work, report its sum, leave at once
+        try:
+            total = []
+            fused._spread(lambda lo, hi: total.append(sum(range(lo, hi))), 100)
+            os.write(write, str(sum(total)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    ready, _, _ = select.select([read], [], [], 60)
+    got = os.read(read, 16) if ready else b""
+    os.close(read)
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    assert got == str(sum(range(100))).encode(), "the child's work hung" if not ready else got
 
 
 def test_merges_from_several_threads_at_once():
