@@ -139,7 +139,8 @@ VARIANTS = {
                            num_basis_A=1024, num_basis_B=1024, cache_bases=True),
     "hut": reparam_method("hut", 1e-3, "others", LORA_BUDGET, r=8),
     "flora": reparam_method("flora", 1e-3, "others", LORA_BUDGET, r=8),
-    "sara": reparam_method("sara", 1e-3, "others", "|w| < 0.002 entries"),
+    # no "|w|" in a budget: a "|" splits the markdown table's row
+    "sara": reparam_method("sara", 1e-3, "others", "abs(w) < 0.002 entries"),
     "spiel": reparam_method("spiel", 1e-3, "others", "density 0.015 (162k entries, half of LoRA r=8)", density=0.015),
     "spiel-ma": reparam_method("spiel", 1e-3, "others", "density 0.015, SM3 statistics (MA)", density=0.015,
                                variant="ma"),
