@@ -773,10 +773,10 @@ def merge(base: np.ndarray, models: tuple, shape, rules, weights, consensus: str
     f32 = np.float32
     random = [r.stream is not None for r in rules]
     _spread(_merge, _chunks(base.size), base, models, np.array([r.mode for r in rules], np.int8),
-                np.array([r.threshold for r in rules], f32), np.array([r.cut for r in rules], np.int64),
-                np.array([r.prob for r in rules], f32),
-                np.array([r.stream.key if x else 0 for r, x in zip(rules, random)], np.uint64),
-                np.array([r.stream.take(base.size) if x else 0 for r, x in zip(rules, random)], np.int64),
-                np.array([r.scale for r in rules], f32), w.numpy(), not bool((w == 1).all()), CONSENSUS[consensus],
-                bool(normalize), divisor, f32(lambda_), out)
+            np.array([r.threshold for r in rules], f32), np.array([r.cut for r in rules], np.int64),
+            np.array([r.prob for r in rules], f32),
+            np.array([r.stream.key if x else 0 for r, x in zip(rules, random)], np.uint64),
+            np.array([r.stream.take(base.size) if x else 0 for r, x in zip(rules, random)], np.int64),
+            np.array([r.scale for r in rules], f32), w.numpy(), not bool((w == 1).all()), CONSENSUS[consensus],
+            bool(normalize), divisor, f32(lambda_), out)
     return out_t

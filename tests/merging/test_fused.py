@@ -20,8 +20,8 @@ from reparam.merging.sparsify import generator_for, largest_mask, uniform
 
 @pytest.fixture(autouse=True)
 def three_threads():
-    """Every test here runs the kernels on 3 threads (CI runs with one per worker): the caller's span and two of
-    the pool's, so the split work is what the comparisons check."""
+    """Every test here runs the kernels on 3 threads (CI runs with one per worker): the caller and two pool
+    threads share each tensor's pieces, so the split work is what the comparisons check."""
     before = torch.get_num_threads()
     torch.set_num_threads(3)
     yield
@@ -401,7 +401,7 @@ def test_spread_in_a_forked_child_starts_its_own_pool():
 
 
 def test_merges_from_several_threads_at_once():
-    """Merges started from several threads at once (their spans share one pool) all finish, each equal to the
+    """Merges started from several threads at once (their pieces share one pool) all finish, each equal to the
     same merge run alone."""
     base, tensors = models((512, 300), 3, torch.bfloat16, seed=11)
     params = ties.TiesParams()
